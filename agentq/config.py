@@ -1,0 +1,245 @@
+"""Typed settings, read once from the environment.
+
+The guide's production config fields are ``AGENTQ_`` plus the field in snake case, nested with
+``__`` (``AGENTQ_RATE_LIMITS__REQUESTS_PER_MINUTE``). Names the guide gives as plain environment
+variables (``OPENAI_API_KEY``, ``DATABASE_URL``, ``REDIS_URL``, ``LOG_LEVEL`` …) keep those names.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from agentq.exceptions import ConfigurationError
+
+ENV_PREFIX = "AGENTQ_"
+NESTED_DELIMITER = "__"
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class RateLimits(BaseModel):
+    """Provider quota shared by every worker of the cluster, per model."""
+
+    requests_per_minute: int = Field(60, gt=0)
+    """Model requests started per minute."""
+    tokens_per_minute: int = Field(100_000, gt=0)
+    """Tokens (input and output) consumed per minute."""
+    concurrent_requests: int = Field(10, gt=0)
+    """Model requests in flight at once."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything agentq reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # Connections and credentials. Unset means embedded mode: SQLite and an in-process broker.
+    openai_api_key: SecretStr | None = Field(None, validation_alias="OPENAI_API_KEY")
+    """Key for the OpenAI API or any compatible server."""
+    openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")
+    """Base URL of an OpenAI-compatible server; unset means OpenAI itself."""
+    database_url: SecretStr | None = Field(None, validation_alias="DATABASE_URL")
+    """``postgresql://user:pass@host:port/db``; unset means an embedded SQLite file."""
+    redis_url: SecretStr | None = Field(None, validation_alias="REDIS_URL")
+    """Broker and shared-state Redis; unset means an in-process broker (demo only)."""
+    sentry_dsn: SecretStr | None = Field(None, validation_alias="SENTRY_DSN")
+    statsd_host: str | None = Field(None, validation_alias="STATSD_HOST")
+    statsd_port: int = Field(8125, gt=0, lt=65536, validation_alias="STATSD_PORT")
+    log_level: LogLevel = Field(
+        "info", validation_alias=AliasChoices("LOG_LEVEL", "AGENTQ_LOG_LEVEL")
+    )
+    jwt_secret: SecretStr | None = Field(None, validation_alias="JWT_SECRET")
+    encryption_key: SecretStr | None = Field(None, validation_alias="ENCRYPTION_KEY")
+
+    # The guide's production config.
+    default_model: str = Field("gpt-4o", min_length=1)
+    fallback_model: str | None = "gpt-4o-mini"
+    max_concurrent_runs: int = Field(100, gt=0, le=100_000)
+    """Runs in flight at once in one worker process."""
+    request_timeout: float = Field(30.0, gt=0, le=3600)
+    """Seconds one model call may take."""
+    max_retries: int = Field(3, ge=0, le=20)
+    enable_guardrails: bool = True
+    require_approval: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["sensitive_operations", "data_modification"]
+    )
+    """Tool categories whose calls wait for a person's approval."""
+    max_tokens_per_request: int = Field(4000, gt=0)
+    enable_tracing: bool = True
+    enable_metrics: bool = True
+    rate_limits: RateLimits = Field(default_factory=RateLimits)  # type: ignore[arg-type]
+
+    # agentq's own.
+    agent_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["agentq.examples"]
+    )
+    """Modules that register agents; workers import them at start-up."""
+    model_api: Literal["responses", "chat_completions"] = "responses"
+    model_provider: Literal["auto", "openai", "offline"] = "auto"
+    """``auto`` uses OpenAI when a key or base URL is set and the offline model otherwise."""
+    offline_latency_ms: float = Field(0.0, ge=0, le=60_000)
+    """Simulated latency of each offline model call."""
+    max_turns: int = Field(10, gt=0, le=1000)
+    max_input_chars: int = Field(100_000, gt=0)
+    """Longest input a run request may carry."""
+    max_context_bytes: int = Field(64_000, gt=0)
+    run_timeout: float = Field(600.0, gt=0, le=86_400)
+    """Whole-run deadline in seconds."""
+    visibility_timeout: float | None = Field(None, gt=0)
+    """Seconds before Redis redelivers an unacknowledged message; above ``run_timeout``."""
+    lease_seconds: float = Field(30.0, gt=0, le=3600)
+    """A running run's claim lapses if its worker stops renewing it for this long."""
+    max_attempts: int = Field(3, gt=0, le=100)
+    """Deliveries of one run before it is failed as lost (poison or crashing workers)."""
+    data_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "agentq")
+    """Where embedded mode keeps its SQLite file."""
+    worker_concurrency: int | None = Field(None, gt=0, le=100_000)
+    """Run slots per worker process; defaults to ``max_concurrent_runs``."""
+
+    @field_validator("require_approval", "agent_modules", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_scheme(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw in (None, ""):
+            return None
+        if not isinstance(raw, str) or not raw.startswith(("postgres", "sqlite")):
+            raise ValueError("must be a postgresql:// or sqlite:// URL")
+        return raw
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_scheme(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw in (None, ""):
+            return None
+        if not isinstance(raw, str) or not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL")
+        return raw
+
+    @model_validator(mode="after")
+    def _visibility_above_deadline(self) -> Settings:
+        if self.visibility_timeout is None:
+            # Redis redelivers an unacknowledged message after this long; it must outlast
+            # the longest run or a healthy run is handed to a second worker.
+            self.visibility_timeout = self.run_timeout + 300.0
+        elif self.visibility_timeout <= self.run_timeout:
+            raise ValueError(
+                "AGENTQ_VISIBILITY_TIMEOUT must be greater than AGENTQ_RUN_TIMEOUT "
+                f"({self.visibility_timeout:g} <= {self.run_timeout:g})"
+            )
+        return self
+
+    # Derived values.
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: producer and worker share one process."""
+        return self.redis_url is None
+
+    @property
+    def sync_database_url(self) -> str:
+        return _sqlalchemy_url(self, asynchronous=False)
+
+    @property
+    def async_database_url(self) -> str:
+        return _sqlalchemy_url(self, asynchronous=True)
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url.get_secret_value() if self.redis_url else "memory://localhost/"
+
+    @property
+    def slots(self) -> int:
+        return self.worker_concurrency or self.max_concurrent_runs
+
+    @property
+    def uses_offline_model(self) -> bool:
+        if self.model_provider == "auto":
+            return self.openai_api_key is None and self.openai_base_url is None
+        return self.model_provider == "offline"
+
+
+def _sqlalchemy_url(settings: Settings, *, asynchronous: bool) -> str:
+    if settings.database_url is None:
+        path = settings.data_dir / "agentq.sqlite3"
+        driver = "sqlite+aiosqlite" if asynchronous else "sqlite"
+        return f"{driver}:///{path}"
+    raw = settings.database_url.get_secret_value()
+    scheme, _, rest = raw.partition("://")
+    if scheme.startswith("sqlite"):
+        return f"{'sqlite+aiosqlite' if asynchronous else 'sqlite'}://{rest}"
+    # The guide's plain postgresql:// form means psycopg 3, which serves sync and asyncio.
+    return f"postgresql+psycopg://{rest}"
+
+
+def env_name(loc: tuple[str | int, ...]) -> str:
+    """The environment variable behind a validation error location."""
+    field = Settings.model_fields.get(str(loc[0])) if loc else None
+    alias = field.validation_alias if field else None
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return ENV_PREFIX + NESTED_DELIMITER.join(str(part) for part in loc).upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, or raise a ConfigurationError naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            name = env_name(loc) if loc else "settings"
+            shown = os.environ.get(name)
+            value = "" if shown is None or _is_secret(name) else f" (got {shown!r})"
+            problems.append(f"{name}{value}: {error['msg']}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name for word in ("KEY", "SECRET", "PASSWORD", "DSN", "URL", "TOKEN"))
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return load_settings()

@@ -1,0 +1,485 @@
+"""Postgres (or embedded SQLite) holds every run: the source of truth for its state.
+
+Statements are SQLAlchemy Core, written once and executed by a synchronous store (producers)
+or an asyncio store (workers). Every state change is one conditional UPDATE, so two processes
+racing on the same run cannot both win: a redelivered message finds the run already claimed
+or finished, and a worker whose claim lapsed cannot overwrite the run's new holder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql import Select, Update
+
+from agentq.run import Priority, Run, RunRequest, RunStatus, Usage
+
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("agent", String(100), nullable=False),
+    Column("input", Text, nullable=False),
+    Column("context", Text),
+    Column("priority", String(10), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("output", Text),
+    Column("error_type", String(50)),
+    Column("error", Text),
+    Column("input_tokens", Integer, nullable=False, server_default="0"),
+    Column("output_tokens", Integer, nullable=False, server_default="0"),
+    Column("total_tokens", Integer, nullable=False, server_default="0"),
+    Column("requests", Integer, nullable=False, server_default="0"),
+    Column("model", String(100)),
+    Column("turns", Integer, nullable=False, server_default="0"),
+    Column("tool_calls", Integer, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("cached", Boolean, nullable=False, server_default="false"),
+    Column("cancel_requested", Boolean, nullable=False, server_default="false"),
+    Column("idempotency_key", String(255), unique=True),
+    Column("worker", String(255)),
+    Column("batch_id", String(32)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Index("ix_runs_status_created", "status", "created_at"),
+    Index("ix_runs_agent_finished", "agent", "finished_at"),
+)
+
+RUN_COLUMNS = tuple(
+    runs.c[name]
+    for name in (
+        "id agent input context priority status output error_type error input_tokens "
+        "output_tokens total_tokens requests model turns tool_calls attempts cached worker "
+        "idempotency_key batch_id created_at started_at finished_at"
+    ).split()
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def row_to_run(row: Row[Any]) -> Run:
+    m = row._mapping
+    return Run(
+        id=m["id"],
+        agent=m["agent"],
+        input=m["input"],
+        priority=Priority(m["priority"]),
+        status=RunStatus(m["status"]),
+        context=json.loads(m["context"]) if m["context"] else None,
+        idempotency_key=m["idempotency_key"],
+        output=m["output"],
+        error=m["error"],
+        error_type=m["error_type"],
+        usage=Usage(
+            input_tokens=m["input_tokens"],
+            output_tokens=m["output_tokens"],
+            total_tokens=m["total_tokens"],
+            requests=m["requests"],
+        ),
+        model=m["model"],
+        turns=m["turns"],
+        tool_calls=m["tool_calls"],
+        attempts=m["attempts"],
+        cached=bool(m["cached"]),
+        worker=m["worker"],
+        batch_id=m["batch_id"],
+        created_at=_aware(m["created_at"]),
+        started_at=_aware(m["started_at"]),
+        finished_at=_aware(m["finished_at"]),
+    )
+
+
+# Statements shared by both stores.
+
+
+def select_runs(run_ids: Sequence[str]) -> Select[Any]:
+    return select(*RUN_COLUMNS).where(runs.c.id.in_(run_ids))
+
+
+def insert_runs(dialect: str, requests: Sequence[RunRequest], created_at: datetime) -> Any:
+    """INSERT … ON CONFLICT (idempotency_key) DO NOTHING RETURNING id."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [
+        {
+            "id": r.id,
+            "agent": r.agent,
+            "input": r.input,
+            "context": r.context_json,
+            "priority": r.priority.value,
+            "status": RunStatus.QUEUED.value,
+            "idempotency_key": r.idempotency_key,
+            "created_at": created_at,
+        }
+        for r in requests
+    ]
+    statement = insert(runs).values(rows)
+    return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
+        runs.c.id
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A run a worker now holds: everything it needs to execute it."""
+
+    run_id: str
+    agent: str
+    input: str
+    context: dict[str, Any] | None
+    priority: Priority
+    attempt: int
+    created_at: datetime
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished run produced, written in one UPDATE."""
+
+    status: RunStatus
+    output: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+    usage: Usage = Usage()
+    model: str | None = None
+    turns: int = 0
+    tool_calls: int = 0
+    cached: bool = False
+
+
+def claim_statement(
+    run_id: str, worker: str, now: datetime, lease: timedelta, max_attempts: int
+) -> Update:
+    claimable = or_(
+        runs.c.status == RunStatus.QUEUED.value,
+        and_(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_expires_at < now),
+    )
+    return (
+        update(runs)
+        .where(runs.c.id == run_id, claimable, runs.c.attempts < max_attempts)
+        .values(
+            status=RunStatus.RUNNING.value,
+            attempts=runs.c.attempts + 1,
+            started_at=now,
+            worker=worker,
+            lease_expires_at=now + lease,
+        )
+        .returning(
+            runs.c.agent,
+            runs.c.input,
+            runs.c.context,
+            runs.c.priority,
+            runs.c.attempts,
+            runs.c.created_at,
+            runs.c.cancel_requested,
+        )
+    )
+
+
+def finish_statement(run_id: str, attempt: int, outcome: Outcome, now: datetime) -> Update:
+    # Fenced by attempt: a worker whose lease lapsed and whose run was claimed again
+    # by another worker cannot overwrite that worker's result.
+    return (
+        update(runs)
+        .where(
+            runs.c.id == run_id,
+            runs.c.attempts == attempt,
+            runs.c.status == RunStatus.RUNNING.value,
+        )
+        .values(
+            status=outcome.status.value,
+            output=outcome.output,
+            error_type=outcome.error_type,
+            error=outcome.error,
+            input_tokens=outcome.usage.input_tokens,
+            output_tokens=outcome.usage.output_tokens,
+            total_tokens=outcome.usage.total_tokens,
+            requests=outcome.usage.requests,
+            model=outcome.model,
+            turns=outcome.turns,
+            tool_calls=outcome.tool_calls,
+            cached=outcome.cached,
+            finished_at=now,
+            lease_expires_at=None,
+        )
+    )
+
+
+def exhausted_statement(run_id: str, now: datetime, max_attempts: int) -> Update:
+    """Fail a run whose every delivery so far died with its worker."""
+    return (
+        update(runs)
+        .where(
+            runs.c.id == run_id,
+            runs.c.status == RunStatus.RUNNING.value,
+            runs.c.lease_expires_at < now,
+            runs.c.attempts >= max_attempts,
+        )
+        .values(
+            status=RunStatus.FAILED.value,
+            error_type="worker_lost",
+            error=f"the run's worker was lost on each of {max_attempts} attempts",
+            finished_at=now,
+            lease_expires_at=None,
+        )
+    )
+
+
+def release_statement(run_id: str, attempt: int) -> Update:
+    """Give a run back to the queue; the attempt does not count against its budget."""
+    return (
+        update(runs)
+        .where(
+            runs.c.id == run_id,
+            runs.c.attempts == attempt,
+            runs.c.status == RunStatus.RUNNING.value,
+        )
+        .values(
+            status=RunStatus.QUEUED.value,
+            attempts=runs.c.attempts - 1,
+            worker=None,
+            started_at=None,
+            lease_expires_at=None,
+        )
+    )
+
+
+def cancel_queued_statement(run_id: str, now: datetime) -> Update:
+    return (
+        update(runs)
+        .where(
+            runs.c.id == run_id,
+            runs.c.status.in_([RunStatus.QUEUED.value, RunStatus.AWAITING_APPROVAL.value]),
+        )
+        .values(
+            status=RunStatus.CANCELLED.value,
+            error_type="cancelled",
+            error="cancelled before it started",
+            finished_at=now,
+        )
+    )
+
+
+def request_cancel_statement(run_id: str) -> Update:
+    return (
+        update(runs)
+        .where(runs.c.id == run_id, runs.c.status == RunStatus.RUNNING.value)
+        .values(cancel_requested=True)
+    )
+
+
+def renew_statement(run_ids: Sequence[str], until: datetime) -> Update:
+    return (
+        update(runs)
+        .where(runs.c.id.in_(run_ids), runs.c.status == RunStatus.RUNNING.value)
+        .values(lease_expires_at=until)
+        .returning(runs.c.id, runs.c.cancel_requested)
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # WAL lets the producer read while a worker writes; the busy timeout waits out
+        # the brief write locks instead of failing.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def make_async_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _configure_sqlite(engine.sync_engine)
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=5)
+
+
+class RunStore:
+    """Synchronous access to runs, for producers and the CLI."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def insert(self, requests: Sequence[RunRequest]) -> list[tuple[str, bool]]:
+        """Store new runs. Returns each request's run id and whether it was created now.
+
+        A request whose idempotency key is already stored gets the existing run's id.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            created = set(conn.execute(insert_runs(self.dialect, requests, now)).scalars())
+            keys = [r.idempotency_key for r in requests if r.id not in created and r.idempotency_key]
+            existing: dict[str, str] = {}
+            if keys:
+                found = conn.execute(
+                    select(runs.c.idempotency_key, runs.c.id).where(
+                        runs.c.idempotency_key.in_(keys)
+                    )
+                )
+                existing = {key: run_id for key, run_id in found.tuples()}
+        result = []
+        for r in requests:
+            if r.id in created:
+                result.append((r.id, True))
+            else:
+                result.append((existing[r.idempotency_key or ""], False))
+        return result
+
+    def get(self, run_id: str) -> Run | None:
+        found = self.get_many([run_id])
+        return found[0] if found else None
+
+    def get_many(self, run_ids: Iterable[str]) -> list[Run]:
+        ids = list(run_ids)
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            return [row_to_run(row) for row in conn.execute(select_runs(ids))]
+
+    def cancel(self, run_id: str) -> RunStatus | None:
+        """Cancel a queued run now, or ask a running one to stop at its next turn.
+
+        Returns the run's status after the request, or None when no run has that id.
+        """
+        with self.engine.begin() as conn:
+            conn.execute(cancel_queued_statement(run_id, utcnow()))
+            conn.execute(request_cancel_statement(run_id))
+            status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+        return RunStatus(status) if status else None
+
+    def count_by_status(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(runs.c.status, func.count()).group_by(runs.c.status))
+            return {status: count for status, count in rows.tuples()}
+
+
+class AsyncRunStore:
+    """Asyncio access to runs, for workers: claim, renew, finish."""
+
+    def __init__(self, engine: AsyncEngine, worker: str, lease_seconds: float) -> None:
+        self.engine = engine
+        self.worker = worker
+        self.lease = timedelta(seconds=lease_seconds)
+
+    async def claim(self, run_id: str, max_attempts: int) -> Claim | None:
+        """Take the run if it is queued, or running under a lapsed lease; else None."""
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(claim_statement(run_id, self.worker, now, self.lease, max_attempts))
+            ).first()
+            if row is None:
+                await conn.execute(exhausted_statement(run_id, now, max_attempts))
+                return None
+        m = row._mapping
+        if m["cancel_requested"]:
+            await self.finish(
+                run_id,
+                m["attempts"],
+                Outcome(RunStatus.CANCELLED, error_type="cancelled", error="cancelled"),
+            )
+            return None
+        return Claim(
+            run_id=run_id,
+            agent=m["agent"],
+            input=m["input"],
+            context=json.loads(m["context"]) if m["context"] else None,
+            priority=Priority(m["priority"]),
+            attempt=m["attempts"],
+            created_at=_aware(m["created_at"]) or now,
+            started_at=now,
+        )
+
+    async def finish(self, run_id: str, attempt: int, outcome: Outcome) -> bool:
+        """Record the run's end. False when the run is no longer this attempt's to finish."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(finish_statement(run_id, attempt, outcome, utcnow()))
+        return bool(result.rowcount)
+
+    async def release(self, run_id: str, attempt: int) -> bool:
+        """Hand a run this worker holds back to the queue, for another worker to take."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(release_statement(run_id, attempt))
+        return bool(result.rowcount)
+
+    async def renew(self, run_ids: Sequence[str]) -> set[str]:
+        """Extend the leases of runs in flight; returns those a producer asked to cancel."""
+        if not run_ids:
+            return set()
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(renew_statement(run_ids, utcnow() + self.lease))
+            return {run_id for run_id, cancel in rows.tuples() if cancel}
+
+    async def get(self, run_id: str) -> Run | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select_runs([run_id]))).first()
+        return row_to_run(row) if row else None
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database schema up to ``revision`` with the packaged Alembic migrations."""
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, revision)

@@ -1,0 +1,1 @@
+"""agentq beat: the periodic schedule and its jobs."""

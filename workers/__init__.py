@@ -1,0 +1,1 @@
+"""agentq workers: the process that executes agent runs, and the engine inside it."""

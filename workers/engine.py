@@ -1,0 +1,395 @@
+"""The execution engine: many agent runs in flight on one long-lived asyncio event loop.
+
+A worker process has one engine. Its loop runs in a thread of its own and owns every client the
+runs share (the model provider with its one ``AsyncOpenAI`` client, the asyncio database
+engine), so none is built per run and each is closed on the loop that opened it. Celery's
+consumer thread hands run ids in with :meth:`Engine.submit` and is told through a
+``concurrent.futures.Future`` when the run's outcome is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from agentq.config import Settings
+from agents import RunHooks
+from sqlalchemy.exc import DBAPIError
+
+from agentq.exceptions import RunCancelled, RunHandedBack, StoreUnavailable, UnknownAgent
+from agentq.registry import Registry
+from agentq.run import ErrorType, RunStatus, Usage
+from agentq.store import AsyncRunStore, Claim, Outcome, make_async_engine
+
+logger = logging.getLogger("agentq.engine")
+
+#: Tries at storing a finished run's outcome before the delivery is retried instead.
+RECORD_ATTEMPTS = 10
+
+T = TypeVar("T")
+
+
+async def _stored(operation: Awaitable[T]) -> T:
+    """Await a store operation; a database failure becomes StoreUnavailable."""
+    try:
+        return await operation
+    except DBAPIError as exc:
+        raise StoreUnavailable(f"the database is unavailable: {exc.orig or exc}") from exc
+
+
+@dataclass(slots=True)
+class InFlight:
+    claim: Claim
+    cancel_requested: bool = False
+
+
+@dataclass(slots=True)
+class EngineStats:
+    started: int = 0
+    finished: int = 0
+    skipped: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Runs agent runs concurrently on a private event loop thread."""
+
+    def __init__(self, settings: Settings, registry: Registry, worker_name: str) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.worker_name = worker_name
+        self.in_flight: dict[str, InFlight] = {}
+        self.stats = EngineStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._agents: dict[str, Any] = {}
+        self._store: AsyncRunStore | None = None
+        self._provider: Any = None
+        self._openai_client: Any = None
+        self._run_config: Any = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._stop_lock = threading.Lock()
+
+    # Life cycle (called from other threads).
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="agentq-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def _serve(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._open())
+        except BaseException as exc:
+            self._startup_error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._close())
+            loop.close()
+
+    async def _open(self) -> None:
+        from agents import RunConfig, set_trace_processors
+
+        from agentq.models import make_provider
+
+        # Nothing leaves the process unless a trace processor is configured for it.
+        set_trace_processors([])
+        self._provider, self._openai_client = make_provider(self.settings)
+        self._run_config = RunConfig(
+            model=self.settings.default_model,
+            model_provider=self._provider,
+            tracing_disabled=not self.settings.enable_tracing,
+        )
+        pool = min(max(4, self.settings.slots // 20), 20)
+        self._store = AsyncRunStore(
+            make_async_engine(self.settings.async_database_url, pool_size=pool),
+            worker=self.worker_name,
+            lease_seconds=self.settings.lease_seconds,
+        )
+        self._heartbeat = asyncio.get_running_loop().create_task(self._renew_leases())
+
+    async def _close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._openai_client is not None:
+            await self._openai_client.close()
+        if self._store is not None:
+            await self._store.engine.dispose()
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Wait up to ``grace`` seconds for runs in flight, then hand the rest back.
+
+        Safe to call from several threads: later callers wait for the first one's stop.
+        """
+        with self._stop_lock:
+            loop = self._loop
+            if loop is None or not loop.is_running():
+                return
+            self._stopping = True
+            future = asyncio.run_coroutine_threadsafe(self._drain(grace), loop)
+            with contextlib.suppress(Exception):
+                future.result(timeout=grace + 30)
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=30)
+
+    async def _drain(self, grace: float) -> None:
+        tasks = set(self._tasks)
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        unfinished = [task for task in self._tasks if not task.done()]
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=10)
+
+    # Submitting (called from Celery's consumer thread).
+
+    def submit(self, run_id: str) -> concurrent.futures.Future[str]:
+        """Execute the run; the future resolves to the stored status once it is recorded."""
+        if self._loop is None:
+            raise RuntimeError("the engine is not started")
+        return asyncio.run_coroutine_threadsafe(self.execute(run_id), self._loop)
+
+    def run(self, run_id: str) -> str:
+        """Execute the run and block the calling thread until its outcome is stored."""
+        loop = self._loop
+        if loop is None or not loop.is_running() or self._stopping:
+            raise RunHandedBack()
+        try:
+            return self.submit(run_id).result()
+        except concurrent.futures.CancelledError:
+            raise RunHandedBack() from None
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # Execution (on the engine's loop).
+
+    async def execute(self, run_id: str) -> str:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            return await self._execute(run_id)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _execute(self, run_id: str) -> str:
+        assert self._store is not None
+        store = self._store
+        claim = await _stored(store.claim(run_id, self.settings.max_attempts))
+        if claim is None:
+            # Finished, cancelled, or held by a live worker: a redelivery with nothing to do.
+            self.stats.skipped += 1
+            logger.info("run not claimed", extra={"action": "run_skipped", "run_id": run_id})
+            return "skipped"
+        self.stats.started += 1
+        entry = self.in_flight[run_id] = InFlight(claim)
+        try:
+            try:
+                outcome = await self._run(claim, entry)
+            except asyncio.CancelledError:
+                # Shutdown: give the run back so another worker takes it at once.
+                await asyncio.shield(store.release(run_id, claim.attempt))
+                raise RunHandedBack() from None
+            recorded = await self._record(run_id, claim.attempt, outcome)
+        finally:
+            self.in_flight.pop(run_id, None)
+        status = outcome.status.value if recorded else "superseded"
+        self.stats.finished += 1
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        return status
+
+    async def _record(self, run_id: str, attempt: int, outcome: Outcome) -> bool:
+        """Store the outcome, waiting out a database outage rather than losing the result.
+
+        The run stays in flight meanwhile, so its lease keeps being renewed once the
+        database is back and no other worker takes it over.
+        """
+        assert self._store is not None
+        pause = 0.5
+        for _ in range(RECORD_ATTEMPTS - 1):
+            try:
+                return await self._store.finish(run_id, attempt, outcome)
+            except DBAPIError:
+                logger.warning(
+                    "cannot store the run's outcome yet",
+                    extra={"action": "store_retry", "run_id": run_id, "pause_s": pause},
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
+        return await _stored(self._store.finish(run_id, attempt, outcome))
+
+    def _agent_for(self, name: str) -> Any:
+        prototype = self._agents.get(name)
+        if prototype is None:
+            prototype = self._agents[name] = self.registry.get(name).factory()
+        # Runs sharing one Agent object slow each other down in the SDK's bookkeeping.
+        return prototype.clone()
+
+    async def _run(self, claim: Claim, entry: InFlight) -> Outcome:
+        from agents import Runner
+
+        try:
+            agent = self._agent_for(claim.agent)
+        except UnknownAgent as exc:
+            return Outcome(RunStatus.FAILED, error_type=ErrorType.UNKNOWN_AGENT, error=str(exc))
+        except Exception as exc:
+            logger.exception("agent factory failed", extra={"action": "agent_factory_failed"})
+            return Outcome(
+                RunStatus.FAILED,
+                error_type=ErrorType.INTERNAL,
+                error=f"the factory of agent {claim.agent!r} failed: {exc!r}",
+            )
+        model = self._model_label(agent)
+        hooks = _RunControl(entry)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.run_timeout):
+                result = await Runner.run(
+                    agent,
+                    claim.input,
+                    context=claim.context,
+                    max_turns=self.settings.max_turns,
+                    hooks=hooks,
+                    run_config=self._run_config,
+                )
+        except RunCancelled:
+            return Outcome(
+                RunStatus.CANCELLED,
+                error_type=ErrorType.CANCELLED,
+                error="cancelled while running",
+                model=model,
+                turns=hooks.turns,
+            )
+        except TimeoutError:
+            return Outcome(
+                RunStatus.FAILED,
+                error_type=ErrorType.TIMEOUT,
+                error=f"the run exceeded its deadline of {self.settings.run_timeout:g} s "
+                f"(AGENTQ_RUN_TIMEOUT) after {time.monotonic() - started:.1f} s",
+                model=model,
+                turns=hooks.turns,
+            )
+        except Exception as exc:
+            error_type, message = classify(exc)
+            if error_type == ErrorType.INTERNAL:
+                logger.exception("run failed", extra={"action": "run_error", "run_id": claim.run_id})
+            return Outcome(
+                RunStatus.FAILED, error_type=error_type, error=message, model=model, turns=hooks.turns
+            )
+        return _succeeded(result, model)
+
+    def _model_label(self, agent: Any) -> str:
+        from agentq.models import OFFLINE_MODEL_NAME, model_label
+
+        label = model_label(self.settings, getattr(agent, "model", None))
+        return f"{OFFLINE_MODEL_NAME}:{label}" if self.settings.uses_offline_model else label
+
+    async def _renew_leases(self) -> None:
+        assert self._store is not None
+        interval = min(self.settings.lease_seconds / 3.0, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                cancel = await self._store.renew(list(self.in_flight))
+            except Exception:
+                logger.exception("lease renewal failed", extra={"action": "lease_renewal_failed"})
+                continue
+            for run_id in cancel:
+                entry = self.in_flight.get(run_id)
+                if entry is not None:
+                    entry.cancel_requested = True
+
+
+class _RunControl(RunHooks[Any]):
+    """Run hooks that stop a cancelled run at its next turn and count turns."""
+
+    def __init__(self, entry: InFlight) -> None:
+        self.entry = entry
+        self.turns = 0
+
+    async def on_llm_start(self, *_: Any) -> None:
+        if self.entry.cancel_requested:
+            raise RunCancelled()
+        self.turns += 1
+
+
+def _succeeded(result: Any, model: str) -> Outcome:
+    from agents import ToolCallItem
+
+    final = result.final_output
+    if final is None or isinstance(final, str):
+        output = final
+    elif hasattr(final, "model_dump_json"):
+        output = final.model_dump_json()
+    else:
+        import json
+
+        output = json.dumps(final, default=str)
+    usage = result.context_wrapper.usage
+    return Outcome(
+        RunStatus.SUCCEEDED,
+        output=output,
+        usage=Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            requests=usage.requests,
+        ),
+        model=model,
+        turns=len(result.raw_responses),
+        tool_calls=sum(1 for item in result.new_items if isinstance(item, ToolCallItem)),
+    )
+
+
+def classify(exc: BaseException) -> tuple[ErrorType, str]:
+    """The stored error type and a message a person can act on."""
+    from agents import (
+        InputGuardrailTripwireTriggered,
+        MaxTurnsExceeded,
+        ModelBehaviorError,
+        OutputGuardrailTripwireTriggered,
+    )
+
+    if isinstance(exc, InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered):
+        result = getattr(exc, "guardrail_result", None)
+        guardrail = getattr(getattr(result, "guardrail", None), "name", None) or "guardrail"
+        return ErrorType.GUARDRAIL, f"guardrail {guardrail!r} tripped"
+    if isinstance(exc, MaxTurnsExceeded):
+        return ErrorType.MAX_TURNS, f"{exc} (AGENTQ_MAX_TURNS)"
+    if isinstance(exc, ModelBehaviorError):
+        return ErrorType.MODEL_BEHAVIOR, f"the model misbehaved: {exc}"
+    try:
+        import openai
+    except ImportError:  # pragma: no cover - openai is a dependency
+        openai = None  # type: ignore[assignment]
+    if openai is not None and isinstance(exc, openai.APIError):
+        return ErrorType.MODEL_ERROR, f"{type(exc).__name__}: {exc}"
+    return ErrorType.INTERNAL, f"{type(exc).__name__}: {exc}"
