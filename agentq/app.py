@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from kombu import Queue
+from kombu.entity import Queue
 
 from agentq.config import Settings
 from agentq.exceptions import RunHandedBack, StoreUnavailable
@@ -49,7 +49,7 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         # queue wait per run.
         transport_options["polling_interval"] = 0.01
     return {
-        "task_queues": [Queue(name, routing_key=name) for name in QUEUE_NAMES],
+        "task_queues": [Queue(name, routing_key=name) for name in QUEUE_NAMES],  # type: ignore[no-untyped-call]
         "task_default_queue": queue_name(Priority.NORMAL),
         "task_routes": {RUN_TASK: {"queue": queue_name(Priority.NORMAL)}},
         # Per-message priority is defeated by prefetch on Redis; separate queues consumed
@@ -88,7 +88,7 @@ def register_run_task(app: Celery, execute: RunExecutor) -> Task:
     backoff, so the run is never dropped while the database is away.
     """
 
-    @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_agent(self: Task, run_id: str) -> str:
         try:
             return execute(run_id)

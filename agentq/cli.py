@@ -164,9 +164,7 @@ def _agents(args: argparse.Namespace, settings: Settings) -> int:
 def _configure_submit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("agent", help="registered agent name")
     parser.add_argument("input", help="the user's input")
-    parser.add_argument(
-        "--priority", default="normal", choices=[p.value for p in PRIORITY_ORDER]
-    )
+    parser.add_argument("--priority", default="normal", choices=[p.value for p in PRIORITY_ORDER])
     parser.add_argument("--context", help="JSON object handed to the agent's tools")
     parser.add_argument("--idempotency-key", help="submit at most once under this key")
     parser.add_argument("--wait", action="store_true", help="wait for the run to finish")

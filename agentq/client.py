@@ -130,7 +130,9 @@ class Client:
                 ) from None
         keys = [r.idempotency_key for r in requests if r.idempotency_key]
         if len(keys) != len(set(keys)):
-            raise InvalidRunRequest("idempotency keys repeat within one call", field="idempotency_key")
+            raise InvalidRunRequest(
+                "idempotency keys repeat within one call", field="idempotency_key"
+            )
         if not requests:
             return []
         return self._submit(requests)
@@ -140,7 +142,9 @@ class Client:
             stored = self.store.insert(requests)
         except (OperationalError, ProgrammingError) as exc:
             raise StoreUnavailable(_store_hint(exc)) from exc
-        fresh = [(r.id, r.priority) for r, (_, created) in zip(requests, stored, strict=True) if created]
+        fresh = [
+            (r.id, r.priority) for r, (_, created) in zip(requests, stored, strict=True) if created
+        ]
         self._publish(fresh)
         return [RunHandle(self, run_id, created) for run_id, created in stored]
 
@@ -199,7 +203,11 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 first = found[pending[0]]
                 raise RunTimeout(first.id, limit or 0.0, first.status.value)
-            pause = interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic()))
+            pause = (
+                interval
+                if deadline is None
+                else min(interval, max(0.0, deadline - time.monotonic()))
+            )
             time.sleep(pause)
             interval = min(interval * 1.5, MAX_POLL_INTERVAL)
 

@@ -32,9 +32,7 @@ def _text_of(item: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", "")) for part in content if isinstance(part, dict)
-        )
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return ""
 
 
@@ -177,9 +175,7 @@ def make_provider(settings: Settings) -> tuple[ModelProvider, AsyncOpenAI | None
     from agents import OpenAIProvider
 
     client = make_openai_client(settings)
-    provider = OpenAIProvider(
-        openai_client=client, use_responses=settings.model_api == "responses"
-    )
+    provider = OpenAIProvider(openai_client=client, use_responses=settings.model_api == "responses")
     return provider, client
 
 

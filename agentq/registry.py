@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agentq.exceptions import RegistryError, UnknownAgent
+from agentq.exceptions import InvalidRunRequest, RegistryError, UnknownAgent
 from agentq.run import validate_agent_name
-from agentq.exceptions import InvalidRunRequest
 
 Factory = Callable[[], Any]
 F = TypeVar("F", bound=Factory)
@@ -52,11 +51,10 @@ class Registry:
         def register(factory: F) -> F:
             existing = self._specs.get(name)
             if existing is not None and existing.factory is not factory:
-                same_origin = (
-                    getattr(existing.factory, "__qualname__", None)
-                    == getattr(factory, "__qualname__", None)
-                    and getattr(existing.factory, "__module__", None)
-                    == getattr(factory, "__module__", None)
+                same_origin = getattr(existing.factory, "__qualname__", None) == getattr(
+                    factory, "__qualname__", None
+                ) and getattr(existing.factory, "__module__", None) == getattr(
+                    factory, "__module__", None
                 )
                 if not same_origin:
                     raise RegistryError(f"agent {name!r} is already registered")

@@ -14,7 +14,7 @@ from typing import Any
 from agentq.exceptions import InvalidRunRequest
 
 
-class Priority(str, enum.Enum):
+class Priority(enum.StrEnum):
     HIGH = "high"
     NORMAL = "normal"
     LOW = "low"
@@ -24,7 +24,7 @@ class Priority(str, enum.Enum):
 PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -66,7 +66,7 @@ def can_transition(current: RunStatus, new: RunStatus) -> bool:
     return new in TRANSITIONS[current]
 
 
-class ErrorType(str, enum.Enum):
+class ErrorType(enum.StrEnum):
     """Why a run failed; stored with the run so a person knows what to do."""
 
     UNKNOWN_AGENT = "unknown_agent"

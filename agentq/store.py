@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,11 +77,32 @@ runs = Table(
 
 RUN_COLUMNS = tuple(
     runs.c[name]
-    for name in (
-        "id agent input context priority status output error_type error input_tokens "
-        "output_tokens total_tokens requests model turns tool_calls attempts cached worker "
-        "idempotency_key batch_id created_at started_at finished_at"
-    ).split()
+    for name in [
+        "id",
+        "agent",
+        "input",
+        "context",
+        "priority",
+        "status",
+        "output",
+        "error_type",
+        "error",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "requests",
+        "model",
+        "turns",
+        "tool_calls",
+        "attempts",
+        "cached",
+        "worker",
+        "idempotency_key",
+        "batch_id",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
 )
 
 
@@ -152,9 +173,7 @@ def insert_runs(dialect: str, requests: Sequence[RunRequest], created_at: dateti
         for r in requests
     ]
     statement = insert(runs).values(rows)
-    return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
-        runs.c.id
-    )
+    return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(runs.c.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +198,7 @@ class Outcome:
     output: str | None = None
     error_type: str | None = None
     error: str | None = None
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
     model: str | None = None
     turns: int = 0
     tool_calls: int = 0
@@ -362,7 +381,9 @@ class RunStore:
         now = utcnow()
         with self.engine.begin() as conn:
             created = set(conn.execute(insert_runs(self.dialect, requests, now)).scalars())
-            keys = [r.idempotency_key for r in requests if r.id not in created and r.idempotency_key]
+            keys = [
+                r.idempotency_key for r in requests if r.id not in created and r.idempotency_key
+            ]
             existing: dict[str, str] = {}
             if keys:
                 found = conn.execute(
@@ -420,7 +441,9 @@ class AsyncRunStore:
         now = utcnow()
         async with self.engine.begin() as conn:
             row = (
-                await conn.execute(claim_statement(run_id, self.worker, now, self.lease, max_attempts))
+                await conn.execute(
+                    claim_statement(run_id, self.worker, now, self.lease, max_attempts)
+                )
             ).first()
             if row is None:
                 await conn.execute(exhausted_statement(run_id, now, max_attempts))

@@ -153,8 +153,10 @@ def run_demo(
         out.write("--runs must be positive\n")
         return 2
     if settings.uses_offline_model:
-        latency = latency_ms if latency_ms is not None else (
-            settings.offline_latency_ms or DEFAULT_DEMO_LATENCY_MS
+        latency = (
+            latency_ms
+            if latency_ms is not None
+            else (settings.offline_latency_ms or DEFAULT_DEMO_LATENCY_MS)
         )
         settings = settings.model_copy(update={"offline_latency_ms": latency})
     if settings.log_level != "debug":

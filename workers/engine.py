@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from agentq.config import Settings
 from agents import RunHooks
 from sqlalchemy.exc import DBAPIError
 
+from agentq.config import Settings
 from agentq.exceptions import RunCancelled, RunHandedBack, StoreUnavailable, UnknownAgent
 from agentq.registry import Registry
 from agentq.run import ErrorType, RunStatus, Usage
@@ -96,7 +96,7 @@ class Engine:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._open())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the starting thread
             self._startup_error = exc
             self._ready.set()
             loop.close()
@@ -300,9 +300,15 @@ class Engine:
         except Exception as exc:
             error_type, message = classify(exc)
             if error_type == ErrorType.INTERNAL:
-                logger.exception("run failed", extra={"action": "run_error", "run_id": claim.run_id})
+                logger.exception(
+                    "run failed", extra={"action": "run_error", "run_id": claim.run_id}
+                )
             return Outcome(
-                RunStatus.FAILED, error_type=error_type, error=message, model=model, turns=hooks.turns
+                RunStatus.FAILED,
+                error_type=error_type,
+                error=message,
+                model=model,
+                turns=hooks.turns,
             )
         return _succeeded(result, model)
 

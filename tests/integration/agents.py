@@ -1,0 +1,31 @@
+"""Agents the integration tests run in real worker processes (AGENTQ_AGENT_MODULES)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentq import registry
+
+
+@registry.agent("calculator", description="Adds numbers with a tool.")
+def calculator() -> Any:
+    from agents import Agent, function_tool
+
+    @function_tool
+    def add(a: int, b: int) -> str:
+        """Add two integers.
+
+        Args:
+            a: The first number.
+            b: The second number.
+        """
+        return str(a + b)
+
+    return Agent(name="calculator", instructions="Use add to compute sums.", tools=[add])
+
+
+@registry.agent("echo", description="Answers without tools.")
+def echo() -> Any:
+    from agents import Agent
+
+    return Agent(name="echo", instructions="Repeat the user's words.")
