@@ -391,7 +391,7 @@ class RunStore:
                         runs.c.idempotency_key.in_(keys)
                     )
                 )
-                existing = {key: run_id for key, run_id in found.tuples()}
+                existing = {key: run_id for key, run_id in found.all()}
         result = []
         for r in requests:
             if r.id in created:
@@ -425,7 +425,7 @@ class RunStore:
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(runs.c.status, func.count()).group_by(runs.c.status))
-            return {status: count for status, count in rows.tuples()}
+            return {status: count for status, count in rows.all()}
 
 
 class AsyncRunStore:
@@ -485,7 +485,7 @@ class AsyncRunStore:
             return set()
         async with self.engine.begin() as conn:
             rows = await conn.execute(renew_statement(run_ids, utcnow() + self.lease))
-            return {run_id for run_id, cancel in rows.tuples() if cancel}
+            return {run_id for run_id, cancel in rows.all() if cancel}
 
     async def get(self, run_id: str) -> Run | None:
         async with self.engine.connect() as conn:
