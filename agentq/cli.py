@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,14 +38,10 @@ class Command:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    if settings.log_level != "debug":
-        # Alembic narrates every step at INFO; a migration is one line of news to a user.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    # JSON lines on stderr, so stdout carries only what a command prints.
+    from agentq.logs import configure_logging as configure_json_logging
+
+    configure_json_logging(settings, sys.stderr)
 
 
 def _client(settings: Settings) -> Any:
@@ -117,7 +112,19 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def _get(args: argparse.Namespace, settings: Settings) -> int:
     with _client(settings) as client:
-        _print_run(client.get(args.run_id), args.json, sys.stdout)
+        run = client.get(args.run_id)
+        if not args.trace:
+            _print_run(run, args.json, sys.stdout)
+            return 0
+        from agentq.tracing import format_traces, load_traces
+
+        found = load_traces(client.store.engine, run.id)
+    if args.json:
+        sys.stdout.write(json.dumps({**run.to_dict(), "traces": found}, indent=2, default=str))
+        sys.stdout.write("\n")
+        return 0
+    _print_run(run, False, sys.stdout)
+    sys.stdout.write("\n" + (format_traces(found) or "no trace stored for this run") + "\n")
     return 0
 
 
@@ -177,6 +184,13 @@ def _configure_run_id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _configure_get(parser: argparse.ArgumentParser) -> None:
+    _configure_run_id(parser)
+    parser.add_argument(
+        "--trace", action="store_true", help="also show the run's trace: model calls, tools"
+    )
+
+
 def _configure_migrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default="head")
 
@@ -187,7 +201,7 @@ def _configure_agents(parser: argparse.ArgumentParser) -> None:
 
 BUILTIN_COMMANDS: dict[str, Command] = {
     "submit": Command("submit a run", _configure_submit, _submit),
-    "get": Command("show a run", _configure_run_id, _get),
+    "get": Command("show a run", _configure_get, _get),
     "cancel": Command("cancel a run", _configure_run_id, _cancel),
     "migrate": Command("create or upgrade the database schema", _configure_migrate, _migrate),
     "agents": Command("list registered agents", _configure_agents, _agents),

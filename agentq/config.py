@@ -93,7 +93,13 @@ class Settings(BaseSettings):
     """Tool categories whose calls wait for a person's approval."""
     max_tokens_per_request: int = Field(4000, gt=0)
     enable_tracing: bool = True
+    """Record each run's trace and spans in Postgres (``agentq get RUN_ID --trace``)."""
     enable_metrics: bool = True
+    """Send metrics to statsd when ``STATSD_HOST`` is set."""
+    export_traces_to_openai: bool = False
+    """Also export traces to OpenAI's trace viewer (needs a real ``OPENAI_API_KEY``)."""
+    metrics_interval: float = Field(10.0, gt=0, le=3600)
+    """Seconds between samples of queue depth and runs in flight sent to statsd."""
     rate_limits: RateLimits = Field(default_factory=RateLimits)  # type: ignore[arg-type]
 
     # agentq's own.

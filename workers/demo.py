@@ -160,8 +160,10 @@ def run_demo(
         )
         settings = settings.model_copy(update={"offline_latency_ms": latency})
     if settings.log_level != "debug":
-        # The worker's per-task lines would bury the progress line.
+        # The worker's per-task lines would bury the progress line; the summary says the same
+        # as the runs' agent_execution records.
         logging.getLogger("celery").setLevel(logging.WARNING)
+        logging.getLogger("agentq.runs").setLevel(logging.WARNING)
 
     migrate(settings.sync_database_url)
     app = make_celery(settings)

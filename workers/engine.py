@@ -24,9 +24,12 @@ from sqlalchemy.exc import DBAPIError
 
 from agentq.config import Settings
 from agentq.exceptions import RunCancelled, RunHandedBack, StoreUnavailable, UnknownAgent
+from agentq.logs import Redactor
 from agentq.registry import Registry
 from agentq.run import ErrorType, RunStatus, Usage
 from agentq.store import AsyncRunStore, Claim, Outcome, make_async_engine
+from agentq.telemetry import Telemetry
+from agentq.tracing import TraceRecorder, install_tracing
 
 logger = logging.getLogger("agentq.engine")
 
@@ -48,6 +51,8 @@ async def _stored(operation: Awaitable[T]) -> T:
 class InFlight:
     claim: Claim
     cancel_requested: bool = False
+    #: What made the run fail, for telemetry (the stored outcome keeps only its message).
+    error: BaseException | None = None
 
 
 @dataclass(slots=True)
@@ -61,10 +66,19 @@ class EngineStats:
 class Engine:
     """Runs agent runs concurrently on a private event loop thread."""
 
-    def __init__(self, settings: Settings, registry: Registry, worker_name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        worker_name: str,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.worker_name = worker_name
+        #: Logs, metrics and Sentry hook in here; other parts report retries and cache use.
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.traces: TraceRecorder | None = None
         self.in_flight: dict[str, InFlight] = {}
         self.stats = EngineStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,12 +123,10 @@ class Engine:
             loop.close()
 
     async def _open(self) -> None:
-        from agents import RunConfig, set_trace_processors
+        from agents import RunConfig
 
         from agentq.models import make_provider
 
-        # Nothing leaves the process unless a trace processor is configured for it.
-        set_trace_processors([])
         self._provider, self._openai_client = make_provider(self.settings)
         self._run_config = RunConfig(
             model=self.settings.default_model,
@@ -127,6 +139,11 @@ class Engine:
             worker=self.worker_name,
             lease_seconds=self.settings.lease_seconds,
         )
+        # Traces go to our own tables; nothing leaves the process unless a setting says so.
+        if self.settings.enable_tracing:
+            self.traces = TraceRecorder(self._store.engine, Redactor.from_settings(self.settings))
+            self.traces.start()
+        install_tracing(self.traces, self.settings.export_traces_to_openai)
         self._heartbeat = asyncio.get_running_loop().create_task(self._renew_leases())
 
     async def _close(self) -> None:
@@ -136,6 +153,8 @@ class Engine:
                 await self._heartbeat
         if self._openai_client is not None:
             await self._openai_client.close()
+        if self.traces is not None:
+            await self.traces.close()
         if self._store is not None:
             await self._store.engine.dispose()
 
@@ -213,7 +232,8 @@ class Engine:
         entry = self.in_flight[run_id] = InFlight(claim)
         try:
             try:
-                outcome = await self._run(claim, entry)
+                with self.telemetry.observe(claim) as observed:
+                    outcome = observed.finish(await self._run(claim, entry), entry.error)
             except asyncio.CancelledError:
                 # Shutdown: give the run back so another worker takes it at once.
                 await asyncio.shield(store.release(run_id, claim.attempt))
@@ -260,8 +280,8 @@ class Engine:
             agent = self._agent_for(claim.agent)
         except UnknownAgent as exc:
             return Outcome(RunStatus.FAILED, error_type=ErrorType.UNKNOWN_AGENT, error=str(exc))
-        except Exception as exc:
-            logger.exception("agent factory failed", extra={"action": "agent_factory_failed"})
+        except Exception as exc:  # noqa: BLE001 - the run's error, reported by telemetry
+            entry.error = exc
             return Outcome(
                 RunStatus.FAILED,
                 error_type=ErrorType.INTERNAL,
@@ -297,12 +317,9 @@ class Engine:
                 model=model,
                 turns=hooks.turns,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the run's error, reported by telemetry
             error_type, message = classify(exc)
-            if error_type == ErrorType.INTERNAL:
-                logger.exception(
-                    "run failed", extra={"action": "run_error", "run_id": claim.run_id}
-                )
+            entry.error = exc
             return Outcome(
                 RunStatus.FAILED,
                 error_type=error_type,

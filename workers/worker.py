@@ -16,9 +16,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_shutting_down
 
-from agentq.app import QUEUE_NAMES, make_celery, register_run_task
+from agentq.app import QUEUE_NAMES, make_celery, queue_name, register_run_task
 from agentq.config import Settings
 from agentq.registry import Registry
+from agentq.run import PRIORITY_ORDER
+from agentq.telemetry import Sampler, build_telemetry, redis_queue_depths
 from workers.engine import Engine
 
 logger = logging.getLogger("agentq.worker")
@@ -45,18 +47,34 @@ class WorkerProcess:
         registry.load(settings.agent_modules)
         self.settings = settings
         self.shutdown_grace = shutdown_grace
+        # Before the Celery app, so Sentry's Celery integration sees every task.
+        self.telemetry = build_telemetry(settings)
         self.app = app or make_celery(settings)
-        self.engine = Engine(settings, registry, worker_name())
+        self.engine = Engine(settings, registry, worker_name(), telemetry=self.telemetry)
         register_run_task(self.app, self.engine.run)
         self._draining: threading.Thread | None = None
+        self._sampler: Sampler | None = None
 
     def start_engine(self) -> None:
         self.engine.start()
         worker_shutting_down.connect(self._on_shutting_down, weak=False)
+        settings = self.settings
+        if settings.enable_metrics and settings.statsd_host and not settings.embedded:
+            queues = [(p.value, queue_name(p)) for p in PRIORITY_ORDER]
+            self._sampler = Sampler(
+                self.telemetry,
+                redis_queue_depths(self.settings.broker_url, queues),
+                lambda: len(self.engine.in_flight),
+                self.settings.metrics_interval,
+            )
+            self._sampler.start()
 
     def stop_engine(self) -> None:
         worker_shutting_down.disconnect(self._on_shutting_down)
+        if self._sampler is not None:
+            self._sampler.stop()
         self.engine.stop(grace=0.0)
+        self.telemetry.close()
 
     def _on_shutting_down(self, **_: Any) -> None:
         # Celery stops consuming and waits for its pool; the engine lets runs in flight
