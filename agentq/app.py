@@ -27,6 +27,10 @@ def queue_name(priority: Priority | str) -> str:
 
 QUEUE_NAMES: tuple[str, ...] = tuple(queue_name(p) for p in PRIORITY_ORDER)
 
+#: Beat's periodic jobs (health checks, rollups, sweeper, batches). Workers consume it before
+#: the run queues, so a backlog of runs cannot delay a health check.
+CONTROL_QUEUE = f"{QUEUE_PREFIX}.control"
+
 
 def make_celery(settings: Settings, name: str = "agentq") -> Celery:
     """A Celery app configured for agent runs. Build one per process."""
@@ -49,7 +53,10 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         # queue wait per run.
         transport_options["polling_interval"] = 0.01
     return {
-        "task_queues": [Queue(name, routing_key=name) for name in QUEUE_NAMES],  # type: ignore[no-untyped-call]
+        "task_queues": [
+            Queue(name, routing_key=name)  # type: ignore[no-untyped-call]
+            for name in (CONTROL_QUEUE, *QUEUE_NAMES)
+        ],
         "task_default_queue": queue_name(Priority.NORMAL),
         "task_routes": {RUN_TASK: {"queue": queue_name(Priority.NORMAL)}},
         # Per-message priority is defeated by prefetch on Redis; separate queues consumed

@@ -43,6 +43,51 @@ class RateLimits(BaseModel):
     """Model requests in flight at once."""
 
 
+class HealthChecks(BaseModel):
+    """How often each health check runs and how long it may take (the guide's values)."""
+
+    database_interval: float = Field(30.0, gt=0)
+    database_timeout: float = Field(5.0, gt=0)
+    model_interval: float = Field(60.0, gt=0)
+    model_timeout: float = Field(10.0, gt=0)
+    memory_interval: float = Field(15.0, gt=0)
+    memory_timeout: float = Field(1.0, gt=0)
+    memory_max_usage: float = Field(0.9, gt=0, le=1)
+    """Fraction of the host's (or container's) memory in use above which memory is unhealthy."""
+    broker_interval: float = Field(30.0, gt=0)
+    broker_timeout: float = Field(5.0, gt=0)
+    workers_interval: float = Field(30.0, gt=0)
+    workers_timeout: float = Field(5.0, gt=0)
+    max_backlog: int = Field(10_000, gt=0)
+    """Messages waiting in the run queues above which the pool is unhealthy."""
+    database_url: SecretStr | None = None
+    """Database the database check probes; unset means ``DATABASE_URL``."""
+
+
+class BeatJobs(BaseModel):
+    """Intervals of the periodic jobs other than health checks, in seconds."""
+
+    rollup_interval: float = Field(60.0, gt=0)
+    rollup_lookback_minutes: int = Field(5, gt=0, le=1440)
+    """Minutes recomputed by each rollup, so runs finishing late still land in their minute."""
+    sweep_interval: float = Field(30.0, gt=0)
+    sweep_queued_after: float = Field(60.0, ge=0)
+    """Seconds a run may sit queued before the sweeper looks for its broker message."""
+    sweep_limit: int = Field(1000, gt=0)
+    """Most runs one sweep looks at, so a huge backlog cannot make a sweep unbounded."""
+    retention_interval: float = Field(3600.0, gt=0)
+
+
+class Retention(BaseModel):
+    """Age in days after which rows are deleted."""
+
+    runs_days: float = Field(30.0, gt=0)
+    """Finished runs only: queued and running runs are never deleted."""
+    health_checks_days: float = Field(7.0, gt=0)
+    metric_rollups_days: float = Field(90.0, gt=0)
+    batches_days: float = Field(30.0, gt=0)
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -128,6 +173,17 @@ class Settings(BaseSettings):
     """Where embedded mode keeps its SQLite file."""
     worker_concurrency: int | None = Field(None, gt=0, le=100_000)
     """Run slots per worker process; defaults to ``max_concurrent_runs``."""
+    health: HealthChecks = Field(default_factory=HealthChecks)  # type: ignore[arg-type]
+    beat: BeatJobs = Field(default_factory=BeatJobs)  # type: ignore[arg-type]
+    retention: Retention = Field(default_factory=Retention)  # type: ignore[arg-type]
+    alert_webhook_url: SecretStr | None = None
+    """Health transitions are POSTed here as JSON."""
+    batches: str | None = None
+    """Scheduled batches as a JSON list (see ``agentq.batch``); ``batch_file`` names a file."""
+    batch_file: Path | None = None
+    """JSON or YAML file of scheduled batches."""
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
 
     @field_validator("require_approval", "agent_modules", mode="before")
     @classmethod

@@ -16,11 +16,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_shutting_down
 
-from agentq.app import QUEUE_NAMES, make_celery, queue_name, register_run_task
+from agentq.app import CONTROL_QUEUE, QUEUE_NAMES, make_celery, queue_name, register_run_task
 from agentq.config import Settings
 from agentq.registry import Registry
 from agentq.run import PRIORITY_ORDER
 from agentq.telemetry import Sampler, build_telemetry, redis_queue_depths
+from beat.jobs import register_jobs
 from workers.engine import Engine
 
 logger = logging.getLogger("agentq.worker")
@@ -52,6 +53,8 @@ class WorkerProcess:
         self.app = app or make_celery(settings)
         self.engine = Engine(settings, registry, worker_name(), telemetry=self.telemetry)
         register_run_task(self.app, self.engine.run)
+        # Beat only publishes: its health checks, rollups, sweeps and batches run here.
+        self.jobs = register_jobs(self.app, settings, worker_name())
         self._draining: threading.Thread | None = None
         self._sampler: Sampler | None = None
 
@@ -75,6 +78,7 @@ class WorkerProcess:
             self._sampler.stop()
         self.engine.stop(grace=0.0)
         self.telemetry.close()
+        self.jobs.close()
 
     def _on_shutting_down(self, **_: Any) -> None:
         # Celery stops consuming and waits for its pool; the engine lets runs in flight
@@ -97,7 +101,8 @@ class WorkerProcess:
         options: dict[str, Any] = {
             "pool_cls": "threads",
             "concurrency": self.settings.slots,
-            "queues": list(QUEUE_NAMES),
+            # Consumed in this order: Beat's jobs first, then runs by priority.
+            "queues": [CONTROL_QUEUE, *QUEUE_NAMES],
             "hostname": f"agentq@{socket.gethostname()}.{os.getpid()}",
             "loglevel": self.settings.log_level.upper(),
             "optimization": "fair",
