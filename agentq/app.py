@@ -6,6 +6,8 @@ name and never import the task's code (nor the Agents SDK); workers register the
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,7 @@ from celery.exceptions import Reject
 from kombu.entity import Queue
 
 from agentq.config import Settings
-from agentq.exceptions import RunHandedBack, StoreUnavailable
+from agentq.exceptions import RunDeferred, RunHandedBack, StoreUnavailable
 from agentq.run import PRIORITY_ORDER, Priority
 
 RUN_TASK = "agentq.run_agent"
@@ -87,18 +89,52 @@ RunExecutor = Callable[[str], str]
 STORE_RETRY_BACKOFF_MAX = 60
 
 
-def register_run_task(app: Celery, execute: RunExecutor) -> Task:
+#: Records a message that can never run: (task id, run id, reason, detail, payload).
+DeadLetterSink = Callable[[str | None, str | None, str, str, str], None]
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _poison(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, str] | None:
+    """Why a message's arguments cannot name a run (its run id if any, and the reason)."""
+    if kwargs or len(args) != 1:
+        return None, f"expected one run id argument, got args={args!r} kwargs={kwargs!r}"
+    run_id = args[0]
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        return (run_id if isinstance(run_id, str) else None), (
+            f"{run_id!r} is not a run id (32 lower-case hex digits)"
+        )
+    return None
+
+
+def register_run_task(
+    app: Celery, execute: RunExecutor, dead_letter: DeadLetterSink | None = None
+) -> Task:
     """Register the run task on a worker's app; ``execute`` is the process's engine.
 
     The task only routes: the run's whole life is in ``execute``. A run handed back at
     shutdown is requeued for another worker; a store outage re-publishes the message with
-    backoff, so the run is never dropped while the database is away.
+    backoff, so the run is never dropped while the database is away. A run the rate limits
+    have no room for is re-published with a countdown until they do. A message whose
+    arguments name no run is given to ``dead_letter`` and acknowledged: Redis has no
+    dead-letter queue, and retrying it would loop forever.
     """
 
-    @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
-    def run_agent(self: Task, run_id: str) -> str:
+    # max_retries=None on the task: a retry(max_retries=None) call alone means "the task's
+    # default" (3), which would drop a run deferred or waiting out a store outage a 4th time.
+    @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)  # type: ignore[untyped-decorator]
+    def run_agent(self: Task, *args: Any, **kwargs: Any) -> str:
+        poison = _poison(args, kwargs)
+        if poison is not None:
+            if dead_letter is not None:
+                payload = json.dumps({"args": args, "kwargs": kwargs}, default=repr)
+                dead_letter(self.request.id, poison[0], "malformed_message", poison[1], payload)
+            return "dead_letter"
+        run_id: str = args[0]
         try:
             return execute(run_id)
+        except RunDeferred as exc:
+            raise self.retry(countdown=exc.countdown) from None
         except RunHandedBack:
             raise Reject("handed back at shutdown", requeue=True) from None
         except StoreUnavailable as exc:

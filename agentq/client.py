@@ -79,6 +79,8 @@ class Client:
             input,
             max_input_chars=self.settings.max_input_chars,
             max_context_bytes=self.settings.max_context_bytes,
+            max_turns_limit=self.settings.max_turns_limit,
+            max_tokens_limit=self.settings.max_tokens_limit,
             **options,
         )
 
@@ -90,10 +92,25 @@ class Client:
         priority: str = "normal",
         context: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        max_turns: int | None = None,
+        max_tokens: int | None = None,
+        cache: bool = True,
     ) -> RunHandle:
-        """Store and enqueue one run. Invalid input raises before anything is stored or sent."""
+        """Store and enqueue one run. Invalid input raises before anything is stored or sent.
+
+        ``max_turns`` and ``max_tokens`` (per model call) override the configured limits within
+        ``AGENTQ_MAX_TURNS_LIMIT`` and ``AGENTQ_MAX_TOKENS_LIMIT``; ``cache=False`` makes the
+        run call the model even when an identical run's answer is cached.
+        """
         request = self._request(
-            agent, input, priority=priority, context=context, idempotency_key=idempotency_key
+            agent,
+            input,
+            priority=priority,
+            context=context,
+            idempotency_key=idempotency_key,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
+            cache=cache,
         )
         return self._submit([request])[0]
 
@@ -101,14 +118,24 @@ class Client:
         """Store and enqueue many runs in one database round trip and one broker round trip.
 
         Each item is a mapping with ``agent`` and ``input`` and optionally ``priority``,
-        ``context`` and ``idempotency_key``. Every item is validated first: one bad item
-        rejects the whole call, naming its index, and nothing is stored or sent.
+        ``context``, ``idempotency_key``, ``max_turns``, ``max_tokens`` and ``cache``. Every
+        item is validated first: one bad item rejects the whole call, naming its index, and
+        nothing is stored or sent.
         """
         requests = []
         for index, item in enumerate(items):
             if not isinstance(item, Mapping):
                 raise InvalidRunRequest(f"item {index} is not a mapping", field=f"[{index}]")
-            unknown = set(item) - {"agent", "input", "priority", "context", "idempotency_key"}
+            unknown = set(item) - {
+                "agent",
+                "input",
+                "priority",
+                "context",
+                "idempotency_key",
+                "max_turns",
+                "max_tokens",
+                "cache",
+            }
             if unknown:
                 raise InvalidRunRequest(
                     f"item {index} has unknown fields: {', '.join(sorted(unknown))}",
@@ -122,6 +149,9 @@ class Client:
                         priority=item.get("priority", "normal"),
                         context=item.get("context"),
                         idempotency_key=item.get("idempotency_key"),
+                        max_turns=item.get("max_turns"),
+                        max_tokens=item.get("max_tokens"),
+                        cache=item.get("cache", True),
                     )
                 )
             except InvalidRunRequest as exc:

@@ -41,6 +41,12 @@ class RateLimits(BaseModel):
     """Tokens (input and output) consumed per minute."""
     concurrent_requests: int = Field(10, gt=0)
     """Model requests in flight at once."""
+    enabled: bool = False
+    """Enforce these limits. Off unless set: a compatible server or a benchmark is not throttled
+    by accident; production sets ``AGENTQ_RATE_LIMITS__ENABLED=true``."""
+    window_seconds: float = Field(60.0, gt=0, le=3600)
+    """Length of the sliding window the per-minute limits count over; 60 is the provider's
+    minute, tests shorten it."""
 
 
 class HealthChecks(BaseModel):
@@ -131,12 +137,36 @@ class Settings(BaseSettings):
     request_timeout: float = Field(30.0, gt=0, le=3600)
     """Seconds one model call may take."""
     max_retries: int = Field(3, ge=0, le=20)
+    """Retries of one model call (429, 5xx, timeouts, connection errors); agentq's own retry
+    loop is the only one (the ``openai`` client's and the Agents SDK's are off)."""
+    retry_backoff: float = Field(0.5, gt=0, le=60)
+    """Seconds of the first retry's backoff; doubles per retry, with full jitter."""
+    retry_backoff_max: float = Field(20.0, gt=0, le=600)
+    """Longest pause between retries, also the cap on an honoured Retry-After."""
+    fallback_after_rate_limits: int = Field(3, gt=0, le=100)
+    """Consecutive 429s from the default model after which a run moves to the fallback."""
     enable_guardrails: bool = True
     require_approval: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["sensitive_operations", "data_modification"]
     )
     """Tool categories whose calls wait for a person's approval."""
     max_tokens_per_request: int = Field(4000, gt=0)
+    """Output tokens one model call may produce; a run may ask for less or more, up to
+    ``max_tokens_limit``."""
+    max_tokens_limit: int = Field(32_000, gt=0)
+    """Highest per-run ``max_tokens`` override accepted at submission."""
+    blocked_patterns: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Regular expressions (comma-separated) whose match in a run's input trips the built-in
+    ``blocked_pattern`` guardrail."""
+    guardrail_max_input_chars: int = Field(32_000, gt=0)
+    """Longest input the built-in ``input_size`` guardrail lets through to the model."""
+    enable_cache: bool = False
+    """Serve identical requests from the response cache. Off unless set, since an answer that
+    depends on the time or the world must not be replayed."""
+    cache_ttl: float = Field(300.0, gt=0, le=30 * 86_400)
+    """Seconds a cached response is served."""
+    cache_max_entries: int = Field(1000, gt=0, le=1_000_000)
+    """Entries in each worker process's in-memory cache layer."""
     enable_tracing: bool = True
     """Record each run's trace and spans in Postgres (``agentq get RUN_ID --trace``)."""
     enable_metrics: bool = True
@@ -158,6 +188,9 @@ class Settings(BaseSettings):
     offline_latency_ms: float = Field(0.0, ge=0, le=60_000)
     """Simulated latency of each offline model call."""
     max_turns: int = Field(10, gt=0, le=1000)
+    """Turns (model calls) a run may take; a run may override it up to ``max_turns_limit``."""
+    max_turns_limit: int = Field(50, gt=0, le=1000)
+    """Highest per-run ``max_turns`` override accepted at submission."""
     max_input_chars: int = Field(100_000, gt=0)
     """Longest input a run request may carry."""
     max_context_bytes: int = Field(64_000, gt=0)
@@ -185,7 +218,7 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
 
-    @field_validator("require_approval", "agent_modules", mode="before")
+    @field_validator("require_approval", "agent_modules", "blocked_patterns", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)

@@ -82,3 +82,20 @@ class RunCancelled(AgentqError):
 
 class RunDeadlineExceeded(AgentqError):
     """The run exceeded its whole-run deadline."""
+
+
+class RunDeferred(RunHandedBack):
+    """The model's rate limits have no room for the run yet; it is queued again until they do."""
+
+    def __init__(self, countdown: float, reason: str) -> None:
+        super().__init__(
+            f"rate limit ({reason}) has no room; run deferred for {countdown:.2f} s",
+            countdown=countdown,
+            reason=reason,
+        )
+        self.countdown = countdown
+        self.reason = reason
+
+
+class ModelUnavailable(AgentqError):
+    """The model kept failing after every retry (and the fallback model, if any)."""

@@ -164,7 +164,9 @@ def make_openai_client(settings: Settings) -> AsyncOpenAI:
         api_key=key or "unused",
         base_url=settings.openai_base_url,
         timeout=settings.request_timeout,
-        max_retries=settings.max_retries,
+        # Retries are agentq's alone (agentq.resilience): the client's own would multiply them
+        # and could not see the cluster's rate limits or move a run to the fallback model.
+        max_retries=0,
     )
 
 

@@ -132,6 +132,9 @@ class RunRequest:
     context: dict[str, Any] | None
     context_json: str | None
     idempotency_key: str | None
+    max_turns: int | None = None
+    max_tokens: int | None = None
+    use_cache: bool = True
 
     @classmethod
     def create(
@@ -144,6 +147,11 @@ class RunRequest:
         idempotency_key: Any = None,
         max_input_chars: int,
         max_context_bytes: int,
+        max_turns: Any = None,
+        max_tokens: Any = None,
+        cache: Any = True,
+        max_turns_limit: int = 1000,
+        max_tokens_limit: int = 1_000_000,
     ) -> RunRequest:
         validate_agent_name(agent)
         if not isinstance(input, str):
@@ -178,6 +186,8 @@ class RunRequest:
             raise InvalidRunRequest(
                 "idempotency_key must be a string of 1 to 255 characters", field="idempotency_key"
             )
+        if not isinstance(cache, bool):
+            raise InvalidRunRequest("cache must be True or False", field="cache")
         return cls(
             id=new_run_id(),
             agent=agent,
@@ -186,7 +196,25 @@ class RunRequest:
             context=context,
             context_json=context_json,
             idempotency_key=idempotency_key,
+            max_turns=_bounded_override(max_turns, "max_turns", max_turns_limit, "MAX_TURNS_LIMIT"),
+            max_tokens=_bounded_override(
+                max_tokens, "max_tokens", max_tokens_limit, "MAX_TOKENS_LIMIT"
+            ),
+            use_cache=cache,
         )
+
+
+def _bounded_override(value: Any, name: str, limit: int, setting: str) -> int | None:
+    """A per-run limit: None keeps the configured one, else an integer in 1..limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRunRequest(f"{name} must be a whole number", field=name)
+    if not 1 <= value <= limit:
+        raise InvalidRunRequest(
+            f"{name} must be between 1 and {limit} (AGENTQ_{setting}), got {value}", field=name
+        )
+    return value
 
 
 def new_run_id() -> str:
@@ -226,6 +254,13 @@ class Run:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     batch_id: str | None = None
+    max_turns: int | None = None
+    max_tokens: int | None = None
+    use_cache: bool = True
+    model_attempts: int = 0
+    """Model calls tried for the run, retries and fallback calls included."""
+    fallback_used: bool = False
+    """True when the fallback model answered (``model`` then names the fallback)."""
 
     @property
     def finished(self) -> bool:
@@ -268,6 +303,11 @@ class Run:
             "tool_calls": self.tool_calls,
             "attempts": self.attempts,
             "cached": self.cached,
+            "model_attempts": self.model_attempts,
+            "fallback_used": self.fallback_used,
+            "max_turns": self.max_turns,
+            "max_tokens": self.max_tokens,
+            "use_cache": self.use_cache,
             "worker": self.worker,
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),

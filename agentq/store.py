@@ -71,6 +71,11 @@ runs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("lease_expires_at", DateTime(timezone=True)),
+    Column("max_turns", Integer),
+    Column("max_tokens", Integer),
+    Column("use_cache", Boolean, nullable=False, server_default="true"),
+    Column("model_attempts", Integer, nullable=False, server_default="0"),
+    Column("fallback_used", Boolean, nullable=False, server_default="false"),
     Index("ix_runs_status_created", "status", "created_at"),
     Index("ix_runs_agent_finished", "agent", "finished_at"),
 )
@@ -102,7 +107,25 @@ RUN_COLUMNS = tuple(
         "created_at",
         "started_at",
         "finished_at",
+        "max_turns",
+        "max_tokens",
+        "use_cache",
+        "model_attempts",
+        "fallback_used",
     ]
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(255)),
+    Column("run_id", String(255)),
+    Column("reason", String(50), nullable=False),
+    Column("detail", Text),
+    Column("payload", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_dead_letters_created", "created_at"),
 )
 
 
@@ -146,6 +169,11 @@ def row_to_run(row: Row[Any]) -> Run:
         created_at=_aware(m["created_at"]),
         started_at=_aware(m["started_at"]),
         finished_at=_aware(m["finished_at"]),
+        max_turns=m["max_turns"],
+        max_tokens=m["max_tokens"],
+        use_cache=bool(m["use_cache"]),
+        model_attempts=m["model_attempts"],
+        fallback_used=bool(m["fallback_used"]),
     )
 
 
@@ -169,6 +197,9 @@ def insert_runs(dialect: str, requests: Sequence[RunRequest], created_at: dateti
             "status": RunStatus.QUEUED.value,
             "idempotency_key": r.idempotency_key,
             "created_at": created_at,
+            "max_turns": r.max_turns,
+            "max_tokens": r.max_tokens,
+            "use_cache": r.use_cache,
         }
         for r in requests
     ]
@@ -188,6 +219,11 @@ class Claim:
     attempt: int
     created_at: datetime
     started_at: datetime
+    max_turns: int | None = None
+    """The run's own turn limit, when it overrides the configured one."""
+    max_tokens: int | None = None
+    """The run's own output-token limit per model call, when it overrides the configured one."""
+    use_cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +239,10 @@ class Outcome:
     turns: int = 0
     tool_calls: int = 0
     cached: bool = False
+    model_attempts: int = 0
+    """Model calls tried, retries and fallback calls included."""
+    fallback_used: bool = False
+    """True when the fallback model answered some of the run's calls."""
 
 
 def claim_statement(
@@ -230,6 +270,9 @@ def claim_statement(
             runs.c.attempts,
             runs.c.created_at,
             runs.c.cancel_requested,
+            runs.c.max_turns,
+            runs.c.max_tokens,
+            runs.c.use_cache,
         )
     )
 
@@ -257,6 +300,8 @@ def finish_statement(run_id: str, attempt: int, outcome: Outcome, now: datetime)
             turns=outcome.turns,
             tool_calls=outcome.tool_calls,
             cached=outcome.cached,
+            model_attempts=outcome.model_attempts,
+            fallback_used=outcome.fallback_used,
             finished_at=now,
             lease_expires_at=None,
         )
@@ -465,6 +510,9 @@ class AsyncRunStore:
             attempt=m["attempts"],
             created_at=_aware(m["created_at"]) or now,
             started_at=now,
+            max_turns=m["max_turns"],
+            max_tokens=m["max_tokens"],
+            use_cache=bool(m["use_cache"]),
         )
 
     async def finish(self, run_id: str, attempt: int, outcome: Outcome) -> bool:
@@ -486,6 +534,27 @@ class AsyncRunStore:
         async with self.engine.begin() as conn:
             rows = await conn.execute(renew_statement(run_ids, utcnow() + self.lease))
             return {run_id for run_id, cancel in rows.all() if cancel}
+
+    async def exists(self, run_id: str) -> bool:
+        async with self.engine.connect() as conn:
+            found = await conn.execute(select(runs.c.id).where(runs.c.id == run_id))
+            return found.first() is not None
+
+    async def dead_letter(
+        self, *, task_id: str | None, run_id: str | None, reason: str, detail: str, payload: str
+    ) -> None:
+        """Record a message that cannot be executed, so a person can see why it was dropped."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                dead_letters.insert().values(
+                    task_id=(task_id or "")[:255] or None,
+                    run_id=(run_id or "")[:255] or None,
+                    reason=reason,
+                    detail=detail,
+                    payload=payload[:10_000],
+                    created_at=utcnow(),
+                )
+            )
 
     async def get(self, run_id: str) -> Run | None:
         async with self.engine.connect() as conn:

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,14 @@ from agents import RunHooks
 from sqlalchemy.exc import DBAPIError
 
 from agentq.config import Settings
-from agentq.exceptions import RunCancelled, RunHandedBack, StoreUnavailable, UnknownAgent
+from agentq.exceptions import (
+    ModelUnavailable,
+    RunCancelled,
+    RunDeferred,
+    RunHandedBack,
+    StoreUnavailable,
+    UnknownAgent,
+)
 from agentq.logs import Redactor
 from agentq.registry import Registry
 from agentq.run import ErrorType, RunStatus, Usage
@@ -90,6 +98,7 @@ class Engine:
         self._provider: Any = None
         self._openai_client: Any = None
         self._run_config: Any = None
+        self._resilience: Any = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -126,12 +135,15 @@ class Engine:
         from agents import RunConfig
 
         from agentq.models import make_provider
+        from agentq.resilience import Resilience
 
         self._provider, self._openai_client = make_provider(self.settings)
+        self._resilience = Resilience.open(self.settings, self._provider, self.telemetry)
         self._run_config = RunConfig(
             model=self.settings.default_model,
             model_provider=self._provider,
             tracing_disabled=not self.settings.enable_tracing,
+            input_guardrails=list(self._resilience.guardrails),
         )
         pool = min(max(4, self.settings.slots // 20), 20)
         self._store = AsyncRunStore(
@@ -153,6 +165,8 @@ class Engine:
                 await self._heartbeat
         if self._openai_client is not None:
             await self._openai_client.close()
+        if self._resilience is not None:
+            await self._resilience.close()
         if self.traces is not None:
             await self.traces.close()
         if self._store is not None:
@@ -224,6 +238,9 @@ class Engine:
         store = self._store
         claim = await _stored(store.claim(run_id, self.settings.max_attempts))
         if claim is None:
+            if not await _stored(store.exists(run_id)):
+                await self._dead_letter(None, run_id, "unknown_run", "no run has this id", run_id)
+                return "dead_letter"
             # Finished, cancelled, or held by a live worker: a redelivery with nothing to do.
             self.stats.skipped += 1
             logger.info("run not claimed", extra={"action": "run_skipped", "run_id": run_id})
@@ -266,16 +283,40 @@ class Engine:
                 pause = min(pause * 2, 30.0)
         return await _stored(self._store.finish(run_id, attempt, outcome))
 
+    async def _dead_letter(
+        self, task_id: str | None, run_id: str | None, reason: str, detail: str, payload: str
+    ) -> None:
+        """Record a message that can never run, so it is acknowledged once and not retried."""
+        assert self._store is not None
+        logger.warning(
+            "dead letter",
+            extra={"action": "dead_letter", "run_id": run_id, "reason": reason, "detail": detail},
+        )
+        await _stored(
+            self._store.dead_letter(
+                task_id=task_id, run_id=run_id, reason=reason, detail=detail, payload=payload
+            )
+        )
+
+    def dead_letter(
+        self, task_id: str | None, run_id: str | None, reason: str, detail: str, payload: str
+    ) -> None:
+        """Record a dead letter from another thread (the Celery task) and wait until stored."""
+        if self._loop is None:
+            raise RuntimeError("the engine is not started")
+        coroutine = self._dead_letter(task_id, run_id, reason, detail, payload)
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
+
     def _agent_for(self, name: str) -> Any:
         prototype = self._agents.get(name)
         if prototype is None:
             prototype = self._agents[name] = self.registry.get(name).factory()
         # Runs sharing one Agent object slow each other down in the SDK's bookkeeping.
+        if not self.settings.enable_guardrails:
+            return prototype.clone(input_guardrails=[], output_guardrails=[])
         return prototype.clone()
 
     async def _run(self, claim: Claim, entry: InFlight) -> Outcome:
-        from agents import Runner
-
         try:
             agent = self._agent_for(claim.agent)
         except UnknownAgent as exc:
@@ -288,6 +329,27 @@ class Engine:
                 error=f"the factory of agent {claim.agent!r} failed: {exc!r}",
             )
         model = self._model_label(agent)
+        plan = await self._resilience.plan(
+            claim, self.registry.get(claim.agent), agent, model, self._run_config
+        )
+        if plan.cached is not None:
+            cached: Outcome = plan.cached
+            return cached
+        if plan.deferred is not None:
+            # No room under the rate limits: free the slot now and come back when there is.
+            assert self._store is not None
+            await _stored(self._store.release(claim.run_id, claim.attempt))
+            countdown = plan.deferred.wait + random.uniform(0, min(1.0, plan.deferred.wait / 10))
+            raise RunDeferred(countdown, plan.deferred.reason)
+        outcome = await self._run_agent(claim, entry, agent, model, plan)
+        finished: Outcome = await self._resilience.finish(plan, outcome)
+        return finished
+
+    async def _run_agent(
+        self, claim: Claim, entry: InFlight, agent: Any, model: str, plan: Any
+    ) -> Outcome:
+        from agents import Runner
+
         hooks = _RunControl(entry)
         started = time.monotonic()
         try:
@@ -296,9 +358,9 @@ class Engine:
                     agent,
                     claim.input,
                     context=claim.context,
-                    max_turns=self.settings.max_turns,
+                    max_turns=plan.max_turns,
                     hooks=hooks,
-                    run_config=self._run_config,
+                    run_config=plan.run_config,
                 )
         except RunCancelled:
             return Outcome(
@@ -403,8 +465,13 @@ def classify(exc: BaseException) -> tuple[ErrorType, str]:
 
     if isinstance(exc, InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered):
         result = getattr(exc, "guardrail_result", None)
-        guardrail = getattr(getattr(result, "guardrail", None), "name", None) or "guardrail"
-        return ErrorType.GUARDRAIL, f"guardrail {guardrail!r} tripped"
+        guardrail = getattr(result, "guardrail", None)
+        name = guardrail.get_name() if guardrail is not None else "guardrail"
+        info = getattr(getattr(result, "output", None), "output_info", None)
+        detail = f": {info}" if isinstance(info, str) and info else ""
+        return ErrorType.GUARDRAIL, f"guardrail {name!r} tripped{detail}"
+    if isinstance(exc, ModelUnavailable):
+        return ErrorType.MODEL_ERROR, str(exc)
     if isinstance(exc, MaxTurnsExceeded):
         return ErrorType.MAX_TURNS, f"{exc} (AGENTQ_MAX_TURNS)"
     if isinstance(exc, ModelBehaviorError):
@@ -413,6 +480,13 @@ def classify(exc: BaseException) -> tuple[ErrorType, str]:
         import openai
     except ImportError:  # pragma: no cover - openai is a dependency
         openai = None  # type: ignore[assignment]
+    if openai is not None and isinstance(exc, openai.APIStatusError) and exc.status_code in (
+        400,
+        404,
+        413,
+        422,
+    ):
+        return ErrorType.INVALID_REQUEST, f"the model rejected the request: {exc}"
     if openai is not None and isinstance(exc, openai.APIError):
         return ErrorType.MODEL_ERROR, f"{type(exc).__name__}: {exc}"
     return ErrorType.INTERNAL, f"{type(exc).__name__}: {exc}"
