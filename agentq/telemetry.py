@@ -445,7 +445,7 @@ _sentry_lock = threading.Lock()
 def init_sentry(settings: Settings) -> bool:
     """Start the process's Sentry client when ``SENTRY_DSN`` is set; True if it runs."""
     global _sentry_ready  # noqa: PLW0603 - one client per process
-    if settings.sentry_dsn is None:
+    if settings.sentry_dsn is None or not settings.sentry_dsn.get_secret_value():
         return False
     with _sentry_lock:
         if _sentry_ready:

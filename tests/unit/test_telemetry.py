@@ -296,3 +296,28 @@ def test_the_recorder_links_traces_to_the_run_and_buffers_rows() -> None:
     assert lines[1].strip().startswith("agent  support")
     assert lines[2].startswith("    response  resp_1  12.5 ms  tokens 40 in / 0 out")
     assert lines[3].startswith("    function  add")
+
+
+def test_without_statsd_or_sentry_only_logs_are_wired() -> None:
+    from agentq.config import load_settings
+    from agentq.telemetry import LogObserver, build_telemetry
+
+    telemetry = build_telemetry(load_settings(STATSD_HOST="", SENTRY_DSN=""))
+    assert [type(o) for o in telemetry.observers] == [LogObserver]
+    # Every hook is still safe to call.
+    telemetry.cache_lookup("support", True)
+    telemetry.queue_depth("high", 3)
+    telemetry.close()
+
+
+def test_statsd_is_wired_when_a_host_is_set_unless_metrics_are_off() -> None:
+    from agentq.config import load_settings
+    from agentq.telemetry import build_telemetry
+
+    on = build_telemetry(load_settings(STATSD_HOST="127.0.0.1", SENTRY_DSN=""))
+    assert any(isinstance(o, StatsdObserver) for o in on.observers)
+    on.close()
+    off = build_telemetry(
+        load_settings(STATSD_HOST="127.0.0.1", SENTRY_DSN="", enable_metrics=False)
+    )
+    assert not any(isinstance(o, StatsdObserver) for o in off.observers)
