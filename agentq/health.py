@@ -443,6 +443,7 @@ class HealthRecorder:
                 ).scalar_one()
             )
             failing: dict[str, str] = {}
+            unchecked = 0
             for check in self.checks:
                 row = conn.execute(
                     select(health_checks.c.healthy, health_checks.c.error)
@@ -450,9 +451,17 @@ class HealthRecorder:
                     .order_by(health_checks.c.checked_at.desc(), health_checks.c.id.desc())
                     .limit(1)
                 ).first()
-                if row is not None and not row.healthy:
+                if row is None:
+                    unchecked += 1
+                elif not row.healthy:
                     failing[check] = row.error or "unhealthy"
-            state = HealthState.DEGRADED if failing else HealthState.HEALTHY
+            # Healthy only once every check has passed: a check that never ran proves nothing.
+            if failing:
+                state = HealthState.DEGRADED
+            elif unchecked:
+                state = previous
+            else:
+                state = HealthState.HEALTHY
             values: dict[str, Any] = {"evaluated_at": now, "failing": json.dumps(failing)}
             if state is not previous:
                 values.update(state=state.value, changed_at=now)
