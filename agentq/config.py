@@ -204,8 +204,27 @@ class Settings(BaseSettings):
     """Deliveries of one run before it is failed as lost (poison or crashing workers)."""
     data_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "agentq")
     """Where embedded mode keeps its SQLite file."""
-    worker_concurrency: int | None = Field(None, gt=0, le=100_000)
-    """Run slots per worker process; defaults to ``max_concurrent_runs``."""
+    worker_concurrency: int | None = Field(None, gt=0, le=10_000)
+    """Run slots per worker process; defaults to ``max_concurrent_runs``. With autoscaling
+    this is the maximum (``AGENTQ_WORKER_MAX_CONCURRENCY`` is the same setting)."""
+    worker_max_concurrency: int | None = Field(None, gt=0, le=10_000)
+    """Alias of ``worker_concurrency``, named as the autoscaling bound."""
+    worker_min_concurrency: int | None = Field(None, gt=0, le=10_000)
+    """Fewest run slots the autoscaler shrinks a worker process to when its queues are idle;
+    unset (or equal to the maximum) means a fixed size."""
+    worker_processes: int = Field(1, gt=0, le=256)
+    """Engine processes ``agentq worker`` starts, each a Celery worker with its own event loop;
+    one per core uses the host, since a run's CPU (not the model's latency) is the limit."""
+    autoscale_interval: float = Field(1.0, gt=0, le=300)
+    """Seconds between autoscaling checks of the queues' depth."""
+    autoscale_idle: float = Field(30.0, gt=0, le=86_400)
+    """Seconds without a new run before the autoscaler shrinks a worker."""
+    high_priority_reserve: float = Field(0.1, ge=0, lt=1)
+    """Share of each worker's slots only high-priority runs may use, so a backlog of other
+    runs never starves them (the guide's emergency agents); at least one slot when above 0."""
+    shutdown_grace: float = Field(60.0, ge=0, le=86_400)
+    """Seconds runs in flight may take to finish after SIGTERM before they are handed back to
+    the queue for another worker."""
     health: HealthChecks = Field(default_factory=HealthChecks)  # type: ignore[arg-type]
     beat: BeatJobs = Field(default_factory=BeatJobs)  # type: ignore[arg-type]
     retention: Retention = Field(default_factory=Retention)  # type: ignore[arg-type]
@@ -282,7 +301,12 @@ class Settings(BaseSettings):
 
     @property
     def slots(self) -> int:
-        return self.worker_concurrency or self.max_concurrent_runs
+        return self.worker_concurrency or self.worker_max_concurrency or self.max_concurrent_runs
+
+    @property
+    def min_slots(self) -> int:
+        """The autoscaler's lower bound; equal to ``slots`` when autoscaling is off."""
+        return min(self.worker_min_concurrency or self.slots, self.slots)
 
     @property
     def uses_offline_model(self) -> bool:

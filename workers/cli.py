@@ -13,21 +13,35 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=int,
         default=None,
-        help="runs in flight at once (default AGENTQ_WORKER_CONCURRENCY or "
-        "AGENTQ_MAX_CONCURRENT_RUNS)",
+        help="runs in flight at once per process, the autoscaling maximum (default "
+        "AGENTQ_WORKER_CONCURRENCY or AGENTQ_MAX_CONCURRENT_RUNS)",
+    )
+    parser.add_argument(
+        "--min-concurrency",
+        type=int,
+        default=None,
+        help="autoscale run slots per process between this and --concurrency on queue depth "
+        "(default AGENTQ_WORKER_MIN_CONCURRENCY; unset means a fixed size)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes to start, one per core uses the host (default "
+        "AGENTQ_WORKER_PROCESSES or 1)",
     )
     parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=None,
-        help="seconds runs in flight may take to finish after SIGTERM",
+        help="seconds runs in flight may take to finish after SIGTERM (default "
+        "AGENTQ_SHUTDOWN_GRACE or 60)",
     )
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from agentq.exceptions import ConfigurationError
     from agentq.registry import registry
-    from workers.worker import DEFAULT_SHUTDOWN_GRACE, WorkerProcess
 
     if settings.embedded:
         raise ConfigurationError(
@@ -38,8 +52,27 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         if args.concurrency <= 0:
             raise ConfigurationError("--concurrency must be a positive number of runs")
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
-    grace = DEFAULT_SHUTDOWN_GRACE if args.shutdown_grace is None else args.shutdown_grace
-    return WorkerProcess(settings, registry, shutdown_grace=grace).run()
+    for name in ("min_concurrency", "processes"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigurationError(f"--{name.replace('_', '-')} must be a positive number")
+    if args.min_concurrency is not None:
+        settings = settings.model_copy(update={"worker_min_concurrency": args.min_concurrency})
+    if args.shutdown_grace is not None:
+        settings = settings.model_copy(update={"shutdown_grace": args.shutdown_grace})
+    processes = settings.worker_processes if args.processes is None else args.processes
+    if processes > 1:
+        from workers.supervisor import Supervisor
+
+        forwarded = [
+            f"--{name.replace('_', '-')}={value}"
+            for name in ("concurrency", "min_concurrency", "shutdown_grace")
+            if (value := getattr(args, name)) is not None
+        ]
+        return Supervisor(processes, [*forwarded, "--processes=1"]).run()
+    from workers.worker import WorkerProcess
+
+    return WorkerProcess(settings, registry).run()
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import socket
 import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import worker_shutting_down
 
 from agentq.app import CONTROL_QUEUE, QUEUE_NAMES, make_celery, queue_name, register_run_task
@@ -22,12 +22,11 @@ from agentq.registry import Registry
 from agentq.run import PRIORITY_ORDER
 from agentq.telemetry import Sampler, build_telemetry, redis_queue_depths
 from beat.jobs import register_jobs
+from workers.autoscaler import QueueDepthAutoscaler
 from workers.engine import Engine
+from workers.pool import AgentPool
 
 logger = logging.getLogger("agentq.worker")
-
-#: Seconds runs in flight may take to finish after SIGTERM before they are handed back.
-DEFAULT_SHUTDOWN_GRACE = 60.0
 
 
 def worker_name() -> str:
@@ -43,18 +42,30 @@ class WorkerProcess:
         registry: Registry,
         *,
         app: Celery | None = None,
-        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        shutdown_grace: float | None = None,
     ) -> None:
         registry.load(settings.agent_modules)
         self.settings = settings
-        self.shutdown_grace = shutdown_grace
+        self.shutdown_grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
         # Before the Celery app, so Sentry's Celery integration sees every task.
         self.telemetry = build_telemetry(settings)
         self.app = app or make_celery(settings)
         self.engine = Engine(settings, registry, worker_name(), telemetry=self.telemetry)
-        register_run_task(self.app, self.engine.run)
+        register_run_task(self.app, self.engine.run, self.engine.dead_letter)
         # Beat only publishes: its health checks, rollups, sweeps and batches run here.
         self.jobs = register_jobs(self.app, settings, worker_name())
+        self.pool_cls = type(
+            "AgentPool", (AgentPool,), {"high_priority_reserve": settings.high_priority_reserve}
+        )
+        self.autoscaler_cls = type(
+            "QueueDepthAutoscaler",
+            (QueueDepthAutoscaler,),
+            {
+                "redis_url": None if settings.embedded else settings.broker_url,
+                "idle_seconds": settings.autoscale_idle,
+            },
+        )
+        self.app.steps["consumer"].add(_slots_step(settings.autoscale_interval))
         self._draining: threading.Thread | None = None
         self._sampler: Sampler | None = None
 
@@ -98,15 +109,18 @@ class WorkerProcess:
             self._draining.start()
 
     def worker_options(self, **overrides: Any) -> dict[str, Any]:
+        low, high = self.settings.min_slots, self.settings.slots
         options: dict[str, Any] = {
-            "pool_cls": "threads",
-            "concurrency": self.settings.slots,
+            "pool_cls": self.pool_cls,
+            "concurrency": high,
             # Consumed in this order: Beat's jobs first, then runs by priority.
             "queues": [CONTROL_QUEUE, *QUEUE_NAMES],
             "hostname": f"agentq@{socket.gethostname()}.{os.getpid()}",
             "loglevel": self.settings.log_level.upper(),
             "optimization": "fair",
         }
+        if low < high:
+            options.update(autoscale=(high, low), autoscaler_cls=self.autoscaler_cls)
         options.update(overrides)
         return options
 
@@ -119,3 +133,42 @@ class WorkerProcess:
             return int(worker.exitcode or 0)
         finally:
             self.stop_engine()
+
+
+def _slots_step(autoscale_interval: float) -> type[bootsteps.StartStopStep]:
+    class Slots(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Ties the pool to the consumer: prefetch equals slots, reserve gating, autoscaling."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, consumer: Any, **kwargs: Any) -> None:
+            super().__init__(consumer, **kwargs)
+            self._timer: Any = None
+
+        def start(self, consumer: Any) -> None:
+            pool = consumer.pool
+            if not isinstance(pool, AgentPool):
+                return
+            pool.bind(consumer)
+            # With autoscaling Celery prefetches for the maximum; a worker holding messages
+            # it has no slot for keeps them from workers that do, and from priority order.
+            slots = pool.num_processes
+            consumer.initial_prefetch_count = slots * consumer.prefetch_multiplier
+            if consumer.qos is not None and consumer.qos.value != slots:
+                consumer.qos.value = slots * consumer.prefetch_multiplier
+                consumer.qos.update()
+            scaler = consumer.controller.autoscaler
+            if scaler is not None and self._timer is None:
+                # Celery checks only every keepalive seconds and on received messages, but a
+                # full worker receives none: check the queues' depth on a timer of its own.
+                self._timer = consumer.timer.call_repeatedly(
+                    autoscale_interval, scaler.maybe_scale
+                )
+            pool.regate()
+
+        def stop(self, consumer: Any) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    return Slots
