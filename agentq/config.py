@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     )
     """Modules that register agents; workers import them at start-up."""
     model_api: Literal["responses", "chat_completions"] = "responses"
+    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    """HTTP transport of the process's OpenAI client: ``aiohttp`` (openai's own extra, cheaper
+    per call with many calls in flight) or ``httpx`` (the client's default)."""
     model_provider: Literal["auto", "openai", "offline"] = "auto"
     """``auto`` uses OpenAI when a key or base URL is set and the offline model otherwise."""
     offline_latency_ms: float = Field(0.0, ge=0, le=60_000)

@@ -25,6 +25,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -229,11 +230,20 @@ class RunModels:
             return response
 
 
-class ResilientModel(Model):
-    """A run's view of its model: every call goes through :meth:`RunModels.call`."""
+#: The models of the run whose task is executing: each run's task (and the tasks the SDK starts
+#: for it) sees its own, so one :class:`ResilientModel` and one ``RunConfig`` serve every run.
+current_run_models: ContextVar[RunModels | None] = ContextVar("agentq_run_models", default=None)
 
-    def __init__(self, models: RunModels, max_tokens: int | None) -> None:
-        self.models = models
+
+class ResilientModel(Model):
+    """Every run's model: each call goes through the current run's :meth:`RunModels.call`.
+
+    One instance per process and output-token limit, so a run costs no new ``RunConfig`` (whose
+    construction validates its fields, a measurable share of a run's CPU with hundreds in
+    flight); the run's own state travels in :data:`current_run_models`.
+    """
+
+    def __init__(self, max_tokens: int | None) -> None:
         self.max_tokens = max_tokens
 
     async def get_response(
@@ -268,7 +278,10 @@ class ResilientModel(Model):
                 prompt=prompt,
             )
 
-        return await self.models.call(tokens, send)
+        models = current_run_models.get()
+        if models is None:
+            raise RuntimeError("a ResilientModel was called outside a run planned by Resilience")
+        return await models.call(tokens, send)
 
     def stream_response(
         self,
@@ -332,6 +345,7 @@ class Resilience:
             else None
         )
         self.guardrails = builtin_input_guardrails(settings)
+        self._run_configs: dict[int, tuple[Any, Any]] = {}
         self.policy = RetryPolicy(
             max_retries=settings.max_retries,
             backoff=settings.retry_backoff,
@@ -412,14 +426,22 @@ class Resilience:
             reservation=reserved,
             observer=self.observer,
         )
-        settings = ModelSettings(max_tokens=max_tokens)
-        if base_config.model_settings is not None:
-            settings = base_config.model_settings.resolve(settings)
         plan.models = models
-        plan.run_config = dataclasses.replace(
-            base_config, model=ResilientModel(models, max_tokens), model_settings=settings
-        )
+        plan.run_config = self._run_config(base_config, max_tokens)
         return plan
+
+    def _run_config(self, base_config: Any, max_tokens: int) -> Any:
+        """The RunConfig of runs with this output-token limit, made once per process."""
+        found = self._run_configs.get(max_tokens)
+        if found is None or found[0] is not base_config:
+            settings = ModelSettings(max_tokens=max_tokens)
+            if base_config.model_settings is not None:
+                settings = base_config.model_settings.resolve(settings)
+            config = dataclasses.replace(
+                base_config, model=ResilientModel(max_tokens), model_settings=settings
+            )
+            found = self._run_configs[max_tokens] = (base_config, config)
+        return found[1]
 
     async def finish(self, plan: RunPlan, outcome: Outcome) -> Outcome:
         """Record what the models did, give back unused permits, and cache a good answer."""

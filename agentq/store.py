@@ -32,6 +32,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -245,16 +246,26 @@ class Outcome:
     """True when the fallback model answered some of the run's calls."""
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """An outcome to record for the run's attempt ``attempt``."""
+
+    run_id: str
+    attempt: int
+    outcome: Outcome
+
+
 def claim_statement(
-    run_id: str, worker: str, now: datetime, lease: timedelta, max_attempts: int
+    run_ids: Sequence[str], worker: str, now: datetime, lease: timedelta, max_attempts: int
 ) -> Update:
+    """Take each of ``run_ids`` that is queued, or running under a lapsed lease."""
     claimable = or_(
         runs.c.status == RunStatus.QUEUED.value,
         and_(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_expires_at < now),
     )
     return (
         update(runs)
-        .where(runs.c.id == run_id, claimable, runs.c.attempts < max_attempts)
+        .where(runs.c.id.in_(run_ids), claimable, runs.c.attempts < max_attempts)
         .values(
             status=RunStatus.RUNNING.value,
             attempts=runs.c.attempts + 1,
@@ -263,6 +274,7 @@ def claim_statement(
             lease_expires_at=now + lease,
         )
         .returning(
+            runs.c.id,
             runs.c.agent,
             runs.c.input,
             runs.c.context,
@@ -277,6 +289,25 @@ def claim_statement(
     )
 
 
+def _outcome_values(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "status": outcome.status.value,
+        "output": outcome.output,
+        "error_type": outcome.error_type,
+        "error": outcome.error,
+        "input_tokens": outcome.usage.input_tokens,
+        "output_tokens": outcome.usage.output_tokens,
+        "total_tokens": outcome.usage.total_tokens,
+        "requests": outcome.usage.requests,
+        "model": outcome.model,
+        "turns": outcome.turns,
+        "tool_calls": outcome.tool_calls,
+        "cached": outcome.cached,
+        "model_attempts": outcome.model_attempts,
+        "fallback_used": outcome.fallback_used,
+    }
+
+
 def finish_statement(run_id: str, attempt: int, outcome: Outcome, now: datetime) -> Update:
     # Fenced by attempt: a worker whose lease lapsed and whose run was claimed again
     # by another worker cannot overwrite that worker's result.
@@ -287,33 +318,67 @@ def finish_statement(run_id: str, attempt: int, outcome: Outcome, now: datetime)
             runs.c.attempts == attempt,
             runs.c.status == RunStatus.RUNNING.value,
         )
-        .values(
-            status=outcome.status.value,
-            output=outcome.output,
-            error_type=outcome.error_type,
-            error=outcome.error,
-            input_tokens=outcome.usage.input_tokens,
-            output_tokens=outcome.usage.output_tokens,
-            total_tokens=outcome.usage.total_tokens,
-            requests=outcome.usage.requests,
-            model=outcome.model,
-            turns=outcome.turns,
-            tool_calls=outcome.tool_calls,
-            cached=outcome.cached,
-            model_attempts=outcome.model_attempts,
-            fallback_used=outcome.fallback_used,
-            finished_at=now,
-            lease_expires_at=None,
-        )
+        .values(**_outcome_values(outcome), finished_at=now, lease_expires_at=None)
     )
 
 
-def exhausted_statement(run_id: str, now: datetime, max_attempts: int) -> Update:
-    """Fail a run whose every delivery so far died with its worker."""
+#: The columns a finished run's outcome sets, and their PostgreSQL array types.
+_OUTCOME_ARRAYS = {
+    "status": "text[]",
+    "output": "text[]",
+    "error_type": "text[]",
+    "error": "text[]",
+    "input_tokens": "integer[]",
+    "output_tokens": "integer[]",
+    "total_tokens": "integer[]",
+    "requests": "integer[]",
+    "model": "text[]",
+    "turns": "integer[]",
+    "tool_calls": "integer[]",
+    "cached": "boolean[]",
+    "model_attempts": "integer[]",
+    "fallback_used": "boolean[]",
+}
+
+# One array per column rather than a VALUES row per run: the statement's text never changes
+# with the batch's size, so it is compiled and prepared once per connection.
+_FINISH_MANY = text(
+    "UPDATE runs SET "
+    + ", ".join(f"{name} = outcome.{name}" for name in _OUTCOME_ARRAYS)
+    + ", finished_at = :now, lease_expires_at = NULL"
+    " FROM unnest(CAST(:id AS text[]), CAST(:attempt AS integer[]), "
+    + ", ".join(f"CAST(:{name} AS {kind})" for name, kind in _OUTCOME_ARRAYS.items())
+    + ") AS outcome(id, attempt, "
+    + ", ".join(_OUTCOME_ARRAYS)
+    + ") WHERE runs.id = outcome.id AND runs.attempts = outcome.attempt"
+    f" AND runs.status = '{RunStatus.RUNNING.value}'"
+    " RETURNING runs.id, runs.attempts"
+)
+
+
+def finish_many_parameters(finished: Sequence[Finished], now: datetime) -> dict[str, Any]:
+    """Parameters of the PostgreSQL statement that records many outcomes in one UPDATE.
+
+    Fenced by attempt like one; the statement returns the id and attempt of each run it
+    recorded.
+    """
+    rows = [_outcome_values(f.outcome) for f in finished]
+    parameters: dict[str, Any] = {
+        "now": now,
+        "id": [f.run_id for f in finished],
+        "attempt": [f.attempt for f in finished],
+    }
+    for name in _OUTCOME_ARRAYS:
+        parameters[name] = [row[name] for row in rows]
+    return parameters
+
+
+def exhausted_statement(run_ids: Sequence[str], now: datetime, max_attempts: int) -> Update:
+    """Fail runs whose every delivery so far died with their worker."""
     return (
         update(runs)
         .where(
-            runs.c.id == run_id,
+            runs.c.id.in_(run_ids),
             runs.c.status == RunStatus.RUNNING.value,
             runs.c.lease_expires_at < now,
             runs.c.attempts >= max_attempts,
@@ -405,7 +470,9 @@ def make_async_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _configure_sqlite(engine.sync_engine)
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=5)
+    # No pre-ping: it would cost a round trip per write, and a connection that went stale is
+    # invalidated by its first failed statement, which the engine retries.
+    return create_async_engine(url, pool_size=pool_size, max_overflow=5)
 
 
 class RunStore:
@@ -474,52 +541,89 @@ class RunStore:
 
 
 class AsyncRunStore:
-    """Asyncio access to runs, for workers: claim, renew, finish."""
+    """Asyncio access to runs, for workers: claim, renew, finish.
+
+    Claims and outcomes are written in batches (:class:`agentq.batcher.Batcher`): each caller
+    awaits its own run, and whatever gathered while the previous batch was being written goes
+    in one statement, so a worker with hundreds of runs in flight spends one round trip, not
+    hundreds, on their bookkeeping.
+    """
 
     def __init__(self, engine: AsyncEngine, worker: str, lease_seconds: float) -> None:
+        from agentq.batcher import Batcher
+
         self.engine = engine
         self.worker = worker
         self.lease = timedelta(seconds=lease_seconds)
+        # Each batched write is one conditional UPDATE, atomic on its own: on PostgreSQL it
+        # runs without BEGIN and COMMIT round trips. SQLite writes a batch in one transaction.
+        self._writer = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if engine.dialect.name == "postgresql"
+            else engine
+        )
+        self.claims: Batcher[tuple[str, int], Claim | None] = Batcher(self._claim_batch)
+        self.finishes: Batcher[Finished, bool] = Batcher(self._finish_batch)
 
     async def claim(self, run_id: str, max_attempts: int) -> Claim | None:
         """Take the run if it is queued, or running under a lapsed lease; else None."""
-        now = utcnow()
-        async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    claim_statement(run_id, self.worker, now, self.lease, max_attempts)
-                )
-            ).first()
-            if row is None:
-                await conn.execute(exhausted_statement(run_id, now, max_attempts))
-                return None
-        m = row._mapping
-        if m["cancel_requested"]:
-            await self.finish(
-                run_id,
-                m["attempts"],
-                Outcome(RunStatus.CANCELLED, error_type="cancelled", error="cancelled"),
-            )
-            return None
-        return Claim(
-            run_id=run_id,
-            agent=m["agent"],
-            input=m["input"],
-            context=json.loads(m["context"]) if m["context"] else None,
-            priority=Priority(m["priority"]),
-            attempt=m["attempts"],
-            created_at=_aware(m["created_at"]) or now,
-            started_at=now,
-            max_turns=m["max_turns"],
-            max_tokens=m["max_tokens"],
-            use_cache=bool(m["use_cache"]),
-        )
+        return await self.claims.submit((run_id, max_attempts))
 
     async def finish(self, run_id: str, attempt: int, outcome: Outcome) -> bool:
         """Record the run's end. False when the run is no longer this attempt's to finish."""
-        async with self.engine.begin() as conn:
-            result = await conn.execute(finish_statement(run_id, attempt, outcome, utcnow()))
-        return bool(result.rowcount)
+        return await self.finishes.submit(Finished(run_id, attempt, outcome))
+
+    async def _claim_batch(self, wanted: Sequence[tuple[str, int]]) -> list[Claim | None]:
+        now = utcnow()
+        rows: dict[str, Any] = {}
+        async with self._writer.begin() as conn:
+            for limit in {max_attempts for _, max_attempts in wanted}:
+                ids = list(dict.fromkeys(run_id for run_id, m in wanted if m == limit))
+                statement = claim_statement(ids, self.worker, now, self.lease, limit)
+                taken = {row.id: row._mapping for row in await conn.execute(statement)}
+                rows.update(taken)
+                lost = [run_id for run_id in ids if run_id not in taken]
+                if lost:
+                    await conn.execute(exhausted_statement(lost, now, limit))
+        claims: dict[str, Claim] = {}
+        cancelled: list[Finished] = []
+        for run_id, m in rows.items():
+            if m["cancel_requested"]:
+                outcome = Outcome(RunStatus.CANCELLED, error_type="cancelled", error="cancelled")
+                cancelled.append(Finished(run_id, m["attempts"], outcome))
+                continue
+            claims[run_id] = Claim(
+                run_id=run_id,
+                agent=m["agent"],
+                input=m["input"],
+                context=json.loads(m["context"]) if m["context"] else None,
+                priority=Priority(m["priority"]),
+                attempt=m["attempts"],
+                created_at=_aware(m["created_at"]) or now,
+                started_at=now,
+                max_turns=m["max_turns"],
+                max_tokens=m["max_tokens"],
+                use_cache=bool(m["use_cache"]),
+            )
+        if cancelled:
+            await self._finish_batch(cancelled)
+        # Two deliveries of one run in one batch: only the first caller holds the claim.
+        return [claims.pop(run_id, None) for run_id, _ in wanted]
+
+    async def _finish_batch(self, finished: Sequence[Finished]) -> list[bool]:
+        now = utcnow()
+        recorded: set[tuple[str, int]] = set()
+        async with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                result = await conn.execute(_FINISH_MANY, finish_many_parameters(finished, now))
+                recorded.update((run_id, attempt) for run_id, attempt in result.all())
+            else:
+                # Embedded SQLite: one statement per run, still one transaction and one commit.
+                for f in finished:
+                    statement = finish_statement(f.run_id, f.attempt, f.outcome, now)
+                    if (await conn.execute(statement)).rowcount:
+                        recorded.add((f.run_id, f.attempt))
+        return [(f.run_id, f.attempt) in recorded for f in finished]
 
     async def release(self, run_id: str, attempt: int) -> bool:
         """Hand a run this worker holds back to the queue, for another worker to take."""

@@ -85,7 +85,7 @@ class Sweeper:
             ).all()
             for run_id, priority, attempts in rows:
                 if attempts >= limit:
-                    if conn.execute(exhausted_statement(run_id, now, limit)).rowcount:
+                    if conn.execute(exhausted_statement([run_id], now, limit)).rowcount:
                         report.failed.append(run_id)
                     continue
                 # Fenced by the attempt: a worker that claimed the run since the select

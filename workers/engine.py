@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import logging
 import random
 import threading
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 from agents import RunHooks
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from agentq.config import Settings
 from agentq.exceptions import (
@@ -46,13 +48,18 @@ RECORD_ATTEMPTS = 10
 
 T = TypeVar("T")
 
+#: The database is down, or so busy that no pooled connection came free in time.
+STORE_ERRORS = (DBAPIError, PoolTimeout)
+
 
 async def _stored(operation: Awaitable[T]) -> T:
     """Await a store operation; a database failure becomes StoreUnavailable."""
     try:
         return await operation
-    except DBAPIError as exc:
-        raise StoreUnavailable(f"the database is unavailable: {exc.orig or exc}") from exc
+    except STORE_ERRORS as exc:
+        raise StoreUnavailable(
+            f"the database is unavailable: {getattr(exc, 'orig', None) or exc}"
+        ) from exc
 
 
 @dataclass(slots=True)
@@ -170,7 +177,20 @@ class Engine:
         if self.traces is not None:
             await self.traces.close()
         if self._store is not None:
-            await self._store.engine.dispose()
+            store = self._store
+            logger.info(
+                "engine stopped",
+                extra={
+                    "action": "engine_stopped",
+                    "runs_started": self.stats.started,
+                    "runs_finished": self.stats.finished,
+                    "claim_batches": store.claims.batches,
+                    "claims": store.claims.items,
+                    "finish_batches": store.finishes.batches,
+                    "finishes": store.finishes.items,
+                },
+            )
+            await store.engine.dispose()
 
     def stop(self, grace: float = 0.0) -> None:
         """Wait up to ``grace`` seconds for runs in flight, then hand the rest back.
@@ -274,7 +294,7 @@ class Engine:
         for _ in range(RECORD_ATTEMPTS - 1):
             try:
                 return await self._store.finish(run_id, attempt, outcome)
-            except DBAPIError:
+            except STORE_ERRORS:
                 logger.warning(
                     "cannot store the run's outcome yet",
                     extra={"action": "store_retry", "run_id": run_id, "pause_s": pause},
@@ -311,10 +331,12 @@ class Engine:
         prototype = self._agents.get(name)
         if prototype is None:
             prototype = self._agents[name] = self.registry.get(name).factory()
-        # Runs sharing one Agent object slow each other down in the SDK's bookkeeping.
+        # Runs sharing one Agent object slow each other down in the SDK's bookkeeping. A shallow
+        # copy is the SDK's clone() without re-validating every field on each run.
+        agent = copy.copy(prototype)
         if not self.settings.enable_guardrails:
-            return prototype.clone(input_guardrails=[], output_guardrails=[])
-        return prototype.clone()
+            agent.input_guardrails, agent.output_guardrails = [], []
+        return agent
 
     async def _run(self, claim: Claim, entry: InFlight) -> Outcome:
         try:
@@ -350,8 +372,12 @@ class Engine:
     ) -> Outcome:
         from agents import Runner
 
+        from agentq.resilience import current_run_models
+
         hooks = _RunControl(entry)
         started = time.monotonic()
+        # Scoped to this run's task and the tasks the SDK starts for it.
+        current_run_models.set(plan.models)
         try:
             async with asyncio.timeout(self.settings.run_timeout):
                 result = await Runner.run(
