@@ -183,7 +183,8 @@ class Client:
             return
         app = self.celery
         try:
-            with app.producer_or_acquire() as producer:
+            # One pipelined round trip to Redis for the lot, not one per run.
+            with app.producer_or_acquire() as producer, producer.batch():
                 for run_id, priority in runs:
                     app.send_task(
                         RUN_TASK,
