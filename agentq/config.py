@@ -209,9 +209,7 @@ class Settings(BaseSettings):
     """Where embedded mode keeps its SQLite file."""
     worker_concurrency: int | None = Field(None, gt=0, le=10_000)
     """Run slots per worker process; defaults to ``max_concurrent_runs``. With autoscaling
-    this is the maximum (``AGENTQ_WORKER_MAX_CONCURRENCY`` is the same setting)."""
-    worker_max_concurrency: int | None = Field(None, gt=0, le=10_000)
-    """Alias of ``worker_concurrency``, named as the autoscaling bound."""
+    this is the maximum."""
     worker_min_concurrency: int | None = Field(None, gt=0, le=10_000)
     """Fewest run slots the autoscaler shrinks a worker process to when its queues are idle;
     unset (or equal to the maximum) means a fixed size."""
@@ -304,7 +302,7 @@ class Settings(BaseSettings):
 
     @property
     def slots(self) -> int:
-        return self.worker_concurrency or self.worker_max_concurrency or self.max_concurrent_runs
+        return self.worker_concurrency or self.max_concurrent_runs
 
     @property
     def min_slots(self) -> int:

@@ -119,3 +119,22 @@ def test_visibility_timeout_must_outlast_the_longest_run(monkeypatch: pytest.Mon
     monkeypatch.setenv("AGENTQ_VISIBILITY_TIMEOUT", "300")
     with pytest.raises(ConfigurationError, match="AGENTQ_VISIBILITY_TIMEOUT"):
         load_settings()
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from agentq.config import Settings, env_name
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = []
+    for name, field in Settings.model_fields.items():
+        nested = field.annotation if isinstance(field.annotation, type) else None
+        if nested is not None and issubclass(nested, BaseModel):
+            names = [env_name((name, inner)) for inner in nested.model_fields]
+        else:
+            names = [env_name((name,))]
+        missing += [n for n in names if f"`{n}`" not in readme]
+    assert missing == []
