@@ -190,7 +190,7 @@ class Engine:
                     "finishes": store.finishes.items,
                 },
             )
-            await store.engine.dispose()
+            await store.close()
 
     def stop(self, grace: float = 0.0) -> None:
         """Wait up to ``grace`` seconds for runs in flight, then hand the rest back.

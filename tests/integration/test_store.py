@@ -29,7 +29,7 @@ def test_concurrent_claims_of_one_run_give_it_to_one_caller(client: Client) -> N
             # Every run delivered twice at once, as after a visibility timeout.
             return await asyncio.gather(*(store.claim(i, 3) for i in ids + ids))
         finally:
-            await store.engine.dispose()
+            await store.close()
 
     claims = asyncio.run(scenario())
     taken = [c for c in claims if c is not None]
@@ -69,7 +69,7 @@ def test_outcomes_written_together_are_each_fenced_by_their_attempt(client: Clie
                 store.finish(ids[3], 2, outcomes[2]),
             )
         finally:
-            await store.engine.dispose()
+            await store.close()
 
     recorded = asyncio.run(scenario())
     assert recorded == [True, True, True, False]
