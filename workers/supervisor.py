@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from types import FrameType
 
@@ -31,7 +32,8 @@ class Supervisor:
         self.args = list(args)
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
-        self._signal: int | None = None
+        #: Signals received and not yet passed on to the children.
+        self._pending: deque[int] = deque()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -49,41 +51,65 @@ class Supervisor:
         )
         return child
 
-    def _forward(self, signum: int, _frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only noted here; the loop passes it on. A handler that signalled the children itself
+        # would miss one being started at that moment, and the parent would wait for it forever.
         self.stopping = True
-        self._signal = signum
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        self._pending.append(signum)
+
+    def _forward(self) -> None:
+        while self._pending:
+            signum = self._pending.popleft()
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signum)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, waking early for a signal so that it reaches the children at once."""
+        deadline = time.monotonic() + seconds
+        while not self._pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _replace_exited(self) -> None:
+        for index, child in enumerate(self.children):
+            code = child.poll()
+            if code is None:
+                continue
+            logger.warning(
+                "worker process exited; starting another",
+                extra={"action": "worker_process_restarted", "pid": child.pid, "exit_code": code},
+            )
+            self._pause(RESTART_PAUSE)
+            if self.stopping:
+                return
+            self.children[index] = self._spawn()
 
     def run(self) -> int:
         previous = {
-            sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            self.children = [self._spawn() for _ in range(self.count)]
-            while True:
-                alive = [child for child in self.children if child.poll() is None]
-                if self.stopping and not alive:
-                    break
+            for _ in range(self.count):
                 if not self.stopping:
-                    for index, child in enumerate(self.children):
-                        code = child.poll()
-                        if code is not None:
-                            logger.warning(
-                                "worker process exited; starting another",
-                                extra={
-                                    "action": "worker_process_restarted",
-                                    "pid": child.pid,
-                                    "exit_code": code,
-                                },
-                            )
-                            time.sleep(RESTART_PAUSE)
-                            if not self.stopping:
-                                self.children[index] = self._spawn()
-                time.sleep(0.2)
+                    self.children.append(self._spawn())
+            while True:
+                self._forward()
+                if not self.stopping:
+                    self._replace_exited()
+                elif all(child.poll() is not None for child in self.children):
+                    break
+                self._pause(0.2)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        codes = [child.returncode or 0 for child in self.children]
-        return max(codes, default=0)
+        return exit_status([child.returncode for child in self.children])
+
+
+def exit_status(codes: Sequence[int | None]) -> int:
+    """The parent's exit status: the worst of its children's, a signal's death included.
+
+    A child killed by a signal has a negative return code; it becomes 128 + the signal's
+    number, as a shell reports it, so a worker killed while draining is not a clean exit.
+    """
+    statuses = [128 - code if code < 0 else code for code in codes if code]
+    return max(statuses, default=0)
