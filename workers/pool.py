@@ -44,6 +44,12 @@ def reserved_slots(size: int, share: float) -> int:
     return min(size - 1, max(1, math.ceil(size * share)))
 
 
+#: Seconds one BRPOP blocks while only the high queue is consumed. Taking the other queues
+#: again must wait for the BRPOP in flight (which names only the high queue) to return: with
+#: Redis's usual second, a freed slot would sit idle that long each time.
+GATED_POLL_TIMEOUT = 0.02
+
+
 def _queue_of(args: tuple[Any, ...] | None) -> str | None:
     # The request's arguments for trace_task_ret: (type, id, request dict, body, ...).
     if not args or len(args) < 3 or not isinstance(args[2], dict):
@@ -63,6 +69,10 @@ class AgentPool(TaskPool):  # type: ignore[misc]
 
     #: Fraction of the slots only high-priority runs may use; set before the pool starts.
     high_priority_reserve: float = 0.0
+    #: Called as the pool stops, before it waits for its slots: lets runs in flight finish
+    #: within the grace period and hands back the rest, however the worker was told to stop
+    #: (a signal, or Flower's and ``celery control``'s remote shutdown).
+    drain: Callable[[], None] | None = None
     limit: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -75,6 +85,7 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         self.gated = False
         self.consumer: Any = None
         self.hub: Any = None
+        self._poll_timeout: float | None = None
 
     # Sizing (Flower's pool controls and the autoscaler call these on the consumer thread).
 
@@ -109,6 +120,12 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         return reserved_slots(self.limit, self.high_priority_reserve)
 
     # Running.
+
+    def on_stop(self) -> None:
+        drain = type(self).drain
+        if drain is not None:
+            drain()
+        super().on_stop()
 
     def register_with_event_loop(self, loop: Any) -> None:
         self.hub = loop
@@ -165,6 +182,7 @@ class AgentPool(TaskPool):  # type: ignore[misc]
             self.gated = True
             for name in GENERAL_QUEUES:
                 consumer.task_consumer.cancel_by_queue(name)
+            self._set_poll_timeout(GATED_POLL_TIMEOUT)
         elif self.gated and (
             not reserve or self.general_in_flight <= general_slots - max(1, reserve // 2)
         ):
@@ -173,6 +191,16 @@ class AgentPool(TaskPool):  # type: ignore[misc]
                 if not consumer.task_consumer.consuming_from(name):
                     consumer.task_consumer.add_queue(consumer.app.amqp.queues[name])
             consumer.task_consumer.consume()
+            self._set_poll_timeout(None)
+
+    def _set_poll_timeout(self, seconds: float | None) -> None:
+        """Shorten (or, with None, restore) the Redis transport's BRPOP timeout, if it has one."""
+        channel = getattr(self.consumer.task_consumer, "channel", None)
+        if channel is None or not hasattr(channel, "brpop_timeout"):
+            return
+        if self._poll_timeout is None:
+            self._poll_timeout = channel.brpop_timeout
+        channel.brpop_timeout = self._poll_timeout if seconds is None else seconds
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
