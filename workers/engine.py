@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -108,6 +108,8 @@ class Engine:
         self._resilience: Any = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Futures Celery's slot threads wait on, until their run's outcome is stored.
+        self._waiting: set[concurrent.futures.Future[str]] = set()
         self._stopping = False
         self._stop_lock = threading.Lock()
 
@@ -208,6 +210,11 @@ class Engine:
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=30)
+            # A run whose hand-back could not finish (a stalled database), or that was sent
+            # in as the loop stopped, would leave its slot thread waiting for ever: give the
+            # message back; the run's lease lapses and another worker takes it over.
+            for waiting in list(self._waiting):
+                waiting.cancel()
 
     async def _drain(self, grace: float) -> None:
         tasks = set(self._tasks)
@@ -225,7 +232,10 @@ class Engine:
         """Execute the run; the future resolves to the stored status once it is recorded."""
         if self._loop is None:
             raise RuntimeError("the engine is not started")
-        return asyncio.run_coroutine_threadsafe(self.execute(run_id), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self.execute(run_id), self._loop)
+        self._waiting.add(future)
+        future.add_done_callback(self._waiting.discard)
+        return future
 
     def run(self, run_id: str) -> str:
         """Execute the run and block the calling thread until its outcome is stored."""
@@ -236,10 +246,6 @@ class Engine:
             return self.submit(run_id).result()
         except concurrent.futures.CancelledError:
             raise RunHandedBack() from None
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(fn, *args)
 
     # Execution (on the engine's loop).
 

@@ -55,7 +55,12 @@ class WorkerProcess:
         # Beat only publishes: its health checks, rollups, sweeps and batches run here.
         self.jobs = register_jobs(self.app, settings, worker_name())
         self.pool_cls = type(
-            "AgentPool", (AgentPool,), {"high_priority_reserve": settings.high_priority_reserve}
+            "AgentPool",
+            (AgentPool,),
+            {
+                "high_priority_reserve": settings.high_priority_reserve,
+                "drain": staticmethod(self._drain),
+            },
         )
         self.autoscaler_cls = type(
             "QueueDepthAutoscaler",
@@ -67,6 +72,7 @@ class WorkerProcess:
         )
         self.app.steps["consumer"].add(_slots_step(settings.autoscale_interval))
         self._draining: threading.Thread | None = None
+        self._draining_lock = threading.Lock()
         self._sampler: Sampler | None = None
 
     def start_engine(self) -> None:
@@ -94,7 +100,9 @@ class WorkerProcess:
     def _on_shutting_down(self, **_: Any) -> None:
         # Celery stops consuming and waits for its pool; the engine lets runs in flight
         # finish within the grace period and hands the rest back, which frees the pool.
-        if self._draining is None:
+        with self._draining_lock:
+            if self._draining is not None:
+                return
             logger.info(
                 "worker shutting down",
                 extra={
@@ -107,6 +115,11 @@ class WorkerProcess:
                 target=self.engine.stop, args=(self.shutdown_grace,), daemon=True
             )
             self._draining.start()
+
+    def _drain(self) -> None:
+        self._on_shutting_down()
+        if self._draining is not None:
+            self._draining.join()
 
     def worker_options(self, **overrides: Any) -> dict[str, Any]:
         low, high = self.settings.min_slots, self.settings.slots

@@ -349,6 +349,38 @@ def test_sigterm_hands_runs_longer_than_the_grace_period_to_another_worker(
     assert {run.id: run.finished_at for run in client.store.get_many(run_ids)} == finished_at
 
 
+def test_a_remote_shutdown_also_hands_back_what_outlasts_the_grace_period(
+    client: Client, start_worker: Any, mock_model: MockOpenAIServer, redis_url: str
+) -> None:
+    # Flower's "shut down" button and `celery control shutdown` send no signal to the process:
+    # the grace period must hold for them as for SIGTERM.
+    runs_count = 4
+    mock_model.configure(latency_ms=5000)
+    args = ["--concurrency", str(runs_count), "--shutdown-grace", "0.5"]
+    first = start_worker(extra_env=SHUTDOWN_ENV, args=args)
+    handles = client.submit_many(
+        [{"agent": "echo", "input": f"message {i}"} for i in range(runs_count)]
+    )
+    run_ids = [h.id for h in handles]
+    _wait_for(lambda: mock_model.stats()["in_flight"] == runs_count, 30, "every model call")
+
+    client.celery.control.shutdown(destination=[first.hostname])
+    started = time.monotonic()
+    assert first.process.wait(30) == 0
+    # Gone long before the model would have answered: the runs were handed back, not awaited.
+    assert time.monotonic() - started < 4.5
+    assert mock_model.stats()["requests_by_status"] == {}
+    handed_back = client.store.get_many(run_ids)
+    assert [(run.status.value, run.attempts) for run in handed_back] == [("queued", 0)] * 4
+
+    mock_model.configure(latency_ms=50)
+    start_worker(extra_env=SHUTDOWN_ENV, args=args)
+    runs = client.wait_many(run_ids, timeout=30)
+    assert [run.status.value for run in runs] == ["succeeded"] * runs_count
+    assert all(run.attempts == 1 for run in runs)
+    _wait_for(lambda: _broker_drained(redis_url), 30, "every delivery to be acknowledged")
+
+
 def _child_pids(pid: int) -> list[int]:
     children: list[int] = []
     try:
