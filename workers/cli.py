@@ -62,14 +62,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"shutdown_grace": args.shutdown_grace})
     processes = settings.worker_processes if args.processes is None else args.processes
     if processes > 1:
-        from workers.supervisor import Supervisor
+        from workers.supervisor import Supervisor, preload
 
-        forwarded = [
-            f"--{name.replace('_', '-')}={value}"
-            for name in ("concurrency", "min_concurrency", "shutdown_grace")
-            if (value := getattr(args, name)) is not None
-        ]
-        return Supervisor(processes, [*forwarded, "--processes=1"]).run()
+        preload(lambda: registry.load(settings.agent_modules))
+        from workers.worker import WorkerProcess
+
+        return Supervisor(processes, lambda: WorkerProcess(settings, registry).run()).run()
     from workers.worker import WorkerProcess
 
     return WorkerProcess(settings, registry).run()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from workers.supervisor import Supervisor, exit_status
+from workers.supervisor import ForkedWorker, Supervisor, exit_status
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_the_exit_status_is_the_worst_of_the_childrens(codes: list[int], status:
 def test_a_signal_that_comes_while_a_worker_starts_reaches_that_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    supervisor = Supervisor(2, [])
+    supervisor = Supervisor(2, lambda: 0)
     started: list[subprocess.Popen[bytes]] = []
 
     def spawn() -> subprocess.Popen[bytes]:
@@ -58,3 +58,50 @@ def test_a_signal_that_comes_while_a_worker_starts_reaches_that_worker(
     # Stopping before the second worker started: it is never started.
     assert [child.returncode for child in started] == [-signal.SIGTERM]
     assert status == 128 + signal.SIGTERM
+
+
+def _reaped(child: ForkedWorker, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (code := child.poll()) is None:
+        assert time.monotonic() < deadline, "the forked worker did not exit"
+        time.sleep(0.01)
+    return code
+
+
+def test_a_forked_worker_exits_with_its_targets_code() -> None:
+    assert _reaped(ForkedWorker(lambda: 3)) == 3
+    assert _reaped(ForkedWorker(lambda: 0)) == 0
+
+
+def test_a_forked_worker_that_raises_exits_1_and_one_killed_reports_the_signal() -> None:
+    def broken() -> int:
+        raise RuntimeError("no broker")
+
+    assert _reaped(ForkedWorker(broken)) == 1
+
+    def sleeper() -> int:
+        time.sleep(30)
+        return 0
+
+    child = ForkedWorker(sleeper)
+    child.send_signal(signal.SIGKILL)
+    assert _reaped(child) == -signal.SIGKILL
+    child.send_signal(signal.SIGTERM)  # already gone: nothing to signal, no error
+
+
+def test_a_forked_worker_takes_signals_with_the_default_handlers() -> None:
+    # The parent's own handlers (which only note a signal) must not survive the fork, or
+    # a worker would ignore the SIGTERM that asks it to drain.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+
+        def sleeper() -> int:
+            time.sleep(30)
+            return 0
+
+        child = ForkedWorker(sleeper)
+        time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)
+        assert _reaped(child) == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
