@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import sys
 import time
 
@@ -40,13 +39,11 @@ async def main(runs: int, concurrency: int) -> dict[str, float]:
     await asyncio.gather(*(one(i) for i in range(runs)))
     wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
     await client.close()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "runs": runs,
         "failures": failures,
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_rss_mb": peak_kb / 1024,
         "finished_at": time.time(),
     }
 

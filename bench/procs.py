@@ -75,22 +75,32 @@ class CpuMeter:
 
 
 class MemoryPeak:
-    """Peak summed RSS of a process tree, sampled in a thread."""
+    """Peak memory of a process tree, sampled in a thread, in MB.
+
+    ``peak_mb`` sums each process's PSS: a page shared by several processes (the modules a
+    forking parent loaded once for its workers, the interpreter's libraries) counts once,
+    split between them, as the host's memory and a container's limit count it. ``peak_rss_mb``
+    sums RSS, which counts every shared page once per process.
+    """
 
     def __init__(self, pids: Iterable[int], interval: float = 0.25) -> None:
         self.pids = list(pids)
         self.interval = interval
         self.peak_mb = 0.0
+        self.peak_rss_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            pss = rss = 0
             for process in tree(self.pids):
                 with contextlib.suppress(psutil.Error):
-                    total += process.memory_info().rss
-            self.peak_mb = max(self.peak_mb, total / 2**20)
+                    info = process.memory_full_info()
+                    pss += info.pss
+                    rss += info.rss
+            self.peak_mb = max(self.peak_mb, pss / 2**20)
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemoryPeak:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,9 @@ class Phase:
     runs_per_s: float = 0.0
     cpu_ms: dict[str, float] = field(default_factory=dict)
     peak_mb: float = 0.0
+    """Peak summed PSS of the workers (shared pages counted once)."""
+    peak_rss_mb: float = 0.0
+    """Peak summed RSS of the workers (shared pages counted in each process)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -228,6 +231,7 @@ def measure_agentq(env: Environment, client: Client, runs: int, processes: int,
                 meter.stop()
         done = client.store.get_many([h.id for h in handles])
         phase.peak_mb = memory.peak_mb
+        phase.peak_rss_mb = memory.peak_rss_mb
     phase.failed = sum(r.status.value != "succeeded" for r in done)
     finished = [r.finished_at.timestamp() for r in done if r.finished_at]
     first_created = min(r.created_at.timestamp() for r in done)
@@ -296,14 +300,16 @@ def measure_bare(env: Environment, runs: int, processes: int, concurrency: int |
     for meter in meters.values():
         meter.start()
     started = time.time()
-    for child in children:
-        assert child.stdin is not None
-        child.stdin.write(b"go\n")
-        child.stdin.flush()
     results = []
+    with MemoryPeak(child.pid for child in children) as memory:
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+        for child in children:
+            assert child.stdout is not None
+            results.append(json.loads(child.stdout.readline()))
     for child in children:
-        assert child.stdout is not None
-        results.append(json.loads(child.stdout.readline()))
         child.wait(30)
     for meter in meters.values():
         meter.stop()
@@ -312,7 +318,8 @@ def measure_bare(env: Environment, runs: int, processes: int, concurrency: int |
     phase.runs_per_s = (runs - phase.failed) / phase.wall_s
     phase.cpu_ms = {"workers": sum(r["cpu_s"] for r in results) * 1000 / runs}
     phase.cpu_ms.update({k: m.seconds * 1000 / runs for k, m in meters.items()})
-    phase.peak_mb = sum(r["peak_rss_mb"] for r in results)
+    phase.peak_mb = memory.peak_mb
+    phase.peak_rss_mb = memory.peak_rss_mb
     return phase
 
 
@@ -348,6 +355,7 @@ def measure_arq(env: Environment, runs: int, processes: int, max_jobs: int,
         phase.cpu_ms = {k: m.seconds * 1000 / runs for k, m in meters.items()}
         phase.cpu_ms["producer"] = submitted["cpu_s"] * 1000 / runs
         phase.peak_mb = memory.peak_mb
+        phase.peak_rss_mb = memory.peak_rss_mb
         phase.extra = {"submit_runs_per_s": runs / submitted["submit_s"]}
     finally:
         for child in children:
@@ -399,41 +407,82 @@ def versions() -> dict[str, str]:
     return found
 
 
+CEILINGS = ("bare", "bare-all")
+
+
+def ceiling_of(phases: dict[str, Phase]) -> Phase | None:
+    """The best bare-SDK configuration measured: as many in flight as agentq's slots, or all."""
+    bare = [phases[name] for name in CEILINGS if name in phases]
+    return max(bare, key=lambda phase: phase.runs_per_s, default=None)
+
+
+def targets(phases: dict[str, Phase], args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """The engine's targets: (what, measured, met)."""
+    found: list[tuple[str, str, bool]] = []
+    agentq, ceiling, peer = phases.get("agentq"), ceiling_of(phases), phases.get("arq")
+    if agentq and ceiling:
+        ratio = agentq.runs_per_s / ceiling.runs_per_s
+        found.append(("throughput >= 0.90 x best bare SDK", f"{ratio:.2f} x ({ceiling.name})",
+                      ratio >= 0.9))
+    if agentq and peer:
+        ratio = agentq.runs_per_s / peer.runs_per_s
+        found.append(("throughput >= 1.50 x arq", f"{ratio:.2f} x", ratio >= 1.5))
+    low, bare_low = phases.get("agentq-low"), phases.get("bare-low")
+    if low and bare_low:
+        ratio = low.cpu_ms["workers"] / bare_low.cpu_ms["workers"]
+        found.append((f"worker CPU/run at {args.low_concurrency} in flight <= 1.25 x bare",
+                      f"{ratio:.2f} x", ratio <= 1.25))
+    prio = phases.get("priorities")
+    if prio:
+        p99 = prio.extra["high_queue_ms_p99"]
+        found.append((f"high queue wait p99 < 1 s behind {args.backlog} low", f"{p99:.0f} ms",
+                      p99 < 1000))
+    if agentq:
+        in_flight = args.processes * args.concurrency
+        found.append((f"peak worker memory < 400 MB, {in_flight} in flight",
+                      f"{agentq.peak_mb:.0f} MB PSS ({agentq.peak_rss_mb:.0f} MB RSS)",
+                      agentq.peak_mb < 400))
+        rate = agentq.extra["submit_runs_per_s"]
+        found.append(("submit_many >= 2000 runs/s", f"{rate:.0f} runs/s", rate >= 2000))
+    return found
+
+
 def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
-    ceiling = phases.get("bare")
+    ceiling = ceiling_of(phases)
     peer = phases.get("arq")
     lines = [
         f"workload: {args.runs} runs x (2 model calls + 1 tool call), model latency "
-        f"{args.latency_ms:g} ms, {args.processes} process(es), host {os.cpu_count()} cores",
+        f"{args.latency_ms:g} ms, {args.processes} process(es) x {args.concurrency} in flight, "
+        f"host {os.cpu_count()} cores",
         "",
-        f"{'config':<14}{'runs/s':>8}{'/ceiling':>10}{'/arq':>7}{'failed':>8}"
-        f"{'cpu ms/run: workers':>21}{'redis':>7}{'pg':>7}{'producer':>10}{'peak MB':>9}",
+        f"{'config':<12}{'runs/s':>8}{'/ceiling':>10}{'/arq':>7}{'failed':>8}"
+        f"{'cpu ms/run: workers':>21}{'redis':>7}{'pg':>7}{'producer':>10}"
+        f"{'PSS MB':>8}{'RSS MB':>8}",
     ]
     for phase in phases.values():
-        if phase.name in ("priorities",):
+        if phase.name == "priorities":
             continue
         c = phase.cpu_ms
         ratio_c = f"{phase.runs_per_s / ceiling.runs_per_s:.2f}" if ceiling else "-"
         ratio_p = f"{phase.runs_per_s / peer.runs_per_s:.2f}" if peer else "-"
         lines.append(
-            f"{phase.name:<14}{phase.runs_per_s:>8.1f}{ratio_c:>10}{ratio_p:>7}{phase.failed:>8}"
+            f"{phase.name:<12}{phase.runs_per_s:>8.1f}{ratio_c:>10}{ratio_p:>7}{phase.failed:>8}"
             f"{c.get('workers', float('nan')):>21.1f}{c.get('redis', float('nan')):>7.1f}"
             f"{c.get('postgres', float('nan')):>7.1f}{c.get('producer', float('nan')):>10.2f}"
-            f"{phase.peak_mb:>9.0f}"
+            f"{phase.peak_mb:>8.0f}{phase.peak_rss_mb:>8.0f}"
         )
+    lines += [
+        "",
+        "bare: Runner.run with as many runs in flight per process as agentq's slots; bare-all: "
+        "every run at once; the ceiling is the faster. *-low: "
+        f"{args.low_concurrency} in flight in one process.",
+    ]
     agentq = phases.get("agentq")
     if agentq:
         x = agentq.extra
-        lines += ["", f"submit_many: {x['submit_runs_per_s']:.0f} runs/s from one producer; "
-                  f"queue wait p50 {x['queue_ms_p50']:.0f} ms p99 {x['queue_ms_p99']:.0f} ms "
-                  "(normal, all submitted at once)"]
-    low = phases.get("agentq-low")
-    bare_low = phases.get("bare-low")
-    if low and bare_low:
         lines.append(
-            f"low concurrency ({args.low_concurrency} in flight): agentq worker "
-            f"{low.cpu_ms['workers']:.1f} ms/run vs bare {bare_low.cpu_ms['workers']:.1f} ms/run "
-            f"= {low.cpu_ms['workers'] / bare_low.cpu_ms['workers']:.2f}x"
+            f"agentq queue wait p50 {x['queue_ms_p50']:.0f} ms p99 {x['queue_ms_p99']:.0f} ms "
+            "(normal priority, all submitted at once)"
         )
     prio = phases.get("priorities")
     if prio:
@@ -445,6 +494,9 @@ def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
             f"p99 {x['low_queue_ms_p99']:.0f} ms; {x['low_still_queued_when_high_done']} low "
             f"runs still unfinished when every high run was done; failed {prio.failed}"
         )
+    lines += ["", "targets:"]
+    for what, measured, met in targets(phases, args):
+        lines.append(f"  {'met ' if met else 'MISS'}  {what}: {measured}")
     return "\n".join(lines)
 
 
@@ -453,15 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--concurrency", type=int, default=500, help="slots per agentq process")
+    parser.add_argument(
+        "--concurrency", type=int, default=500,
+        help="runs in flight per process: agentq's slots, arq's max_jobs, the bare SDK's gather",
+    )
     parser.add_argument("--backlog", type=int, default=5000, help="low runs in the priority test")
     parser.add_argument("--high", type=int, default=20, help="high runs in the priority test")
     parser.add_argument("--low-concurrency", type=int, default=10)
     parser.add_argument("--low-runs", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument(
-        "--only", default="agentq,priorities,bare,arq,low",
-        help="comma-separated phases to run",
+        "--only", default="bare,agentq,arq,priorities,low",
+        help="comma-separated phases to run (bare also measures bare-all)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -476,30 +531,28 @@ def main(argv: list[str] | None = None) -> int:
         assert not settings.embedded
         with Client(settings) as client:
             print(f"logs in {env.logs}", file=sys.stderr)
-            steps = [
-                ("bare", lambda: measure_bare(env, args.runs, args.processes, None)),
-                ("agentq", lambda: measure_agentq(
+            steps: list[tuple[str, str, Callable[[], Phase]]] = [
+                ("bare", "bare", lambda: measure_bare(
+                    env, args.runs, args.processes, args.concurrency)),
+                ("bare", "bare-all", lambda: measure_bare(
+                    env, args.runs, args.processes, None, name="bare-all")),
+                ("agentq", "agentq", lambda: measure_agentq(
                     env, client, args.runs, args.processes, worker_args, args.timeout)),
-                ("arq", lambda: measure_arq(
+                ("arq", "arq", lambda: measure_arq(
                     env, args.runs, args.processes, args.concurrency, args.timeout)),
-                ("priorities", lambda: measure_priorities(
+                ("priorities", "priorities", lambda: measure_priorities(
                     env, client, args.backlog, args.high, args.processes, worker_args,
                     args.timeout)),
-                ("low", None),
+                ("low", "agentq-low", lambda: measure_low_concurrency(
+                    env, client, args.low_runs, args.low_concurrency, args.timeout)),
+                ("low", "bare-low", lambda: measure_bare(
+                    env, args.low_runs, 1, args.low_concurrency, name="bare-low")),
             ]
-            for name, step in steps:
-                if name not in wanted:
-                    continue
-                if name == "low":
-                    reset(env)
-                    phases["agentq-low"] = measure_low_concurrency(
-                        env, client, args.low_runs, args.low_concurrency, args.timeout)
-                    phases["bare-low"] = measure_bare(
-                        env, args.low_runs, 1, args.low_concurrency, name="bare-low")
+            for group, name, step in steps:
+                if group not in wanted:
                     continue
                 reset(env)
                 print(f"measuring {name} ...", file=sys.stderr)
-                assert step is not None
                 phases[name] = step()
                 print(json.dumps(asdict(phases[name])), file=sys.stderr)
     report = table(phases, args)
@@ -508,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"versions": versions(), "cpu": platform.processor() or platform.machine(),
                    "cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 2**30,
                    "args": vars(args) | {"json": str(args.json)},
-                   "phases": {k: asdict(v) for k, v in phases.items()}, "table": report}
+                   "phases": {k: asdict(v) for k, v in phases.items()},
+                   "targets": targets(phases, args), "table": report}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
