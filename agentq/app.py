@@ -76,7 +76,8 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": True,
+        # Three Redis publishes per run; Flower switches them on while it watches.
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "enable_utc": True,
     }

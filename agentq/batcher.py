@@ -53,8 +53,8 @@ class Batcher(Generic[Item, Result]):
         self._pending.append((item, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._drain())
-        # A caller that is cancelled still has its item written: its outcome is shielded.
-        return await asyncio.shield(future)
+        # A caller cancelled meanwhile cancels only its wait: its item is written all the same.
+        return await future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

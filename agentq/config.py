@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     """Send metrics to statsd when ``STATSD_HOST`` is set."""
     export_traces_to_openai: bool = False
     """Also export traces to OpenAI's trace viewer (needs a real ``OPENAI_API_KEY``)."""
+    task_events: bool = False
+    """Workers send Celery's task events from the start. Off, Flower (and ``celery control
+    enable_events``) switches them on while it watches, so nobody pays for them unwatched."""
     metrics_interval: float = Field(10.0, gt=0, le=3600)
     """Seconds between samples of queue depth and runs in flight sent to statsd."""
     rate_limits: RateLimits = Field(default_factory=RateLimits)  # type: ignore[arg-type]

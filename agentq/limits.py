@@ -131,6 +131,9 @@ def _new_id() -> str:
 class Limiter:
     """Requests, tokens and concurrency per model. Subclasses keep the state."""
 
+    enforced = True
+    """False for :class:`NoLimiter`: callers may skip asking it, which costs a task per call."""
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.waits = 0
@@ -220,6 +223,8 @@ class Limiter:
 
 class NoLimiter(Limiter):
     """Limits off: every request may go at once."""
+
+    enforced = False
 
     def __init__(self) -> None:
         super().__init__(Limits(1, 1, 1, 60.0, 60.0))

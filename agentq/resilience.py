@@ -176,7 +176,9 @@ class RunModels:
         rate_limited = 0
         while True:
             target = self.current
-            permit: Permit = await self.limiter.acquire(target.name, tokens, self.reservation)
+            permit: Permit | None = None
+            if self.limiter.enforced:
+                permit = await self.limiter.acquire(target.name, tokens, self.reservation)
             self.record.attempts += 1
             used = 0
             try:
@@ -225,7 +227,8 @@ class RunModels:
                 await self.sleep(self.policy.delay(retries, retry_after(exc), self.rng))
                 continue
             finally:
-                await asyncio.shield(self.limiter.settle(permit, used))
+                if permit is not None:
+                    await asyncio.shield(self.limiter.settle(permit, used))
             self.record.answered_by = target.name
             return response
 
@@ -409,7 +412,9 @@ class Resilience:
         instructions = agent.instructions if isinstance(agent.instructions, str) else None
         expected_calls = 2 if (getattr(agent, "tools", None) or agent.handoffs) else 1
         estimate = estimate_tokens(instructions, claim.input, max_tokens)
-        reserved = await self.limiter.try_reserve(primary_name, [estimate] * expected_calls)
+        reserved: Reservation | Denied | None = None
+        if self.limiter.enforced:
+            reserved = await self.limiter.try_reserve(primary_name, [estimate] * expected_calls)
         if isinstance(reserved, Denied):
             plan.deferred = reserved
             return plan
@@ -448,7 +453,8 @@ class Resilience:
         models = plan.models
         if models is None:
             return outcome
-        await asyncio.shield(self.limiter.release(models.reservation))
+        if models.reservation is not None:
+            await asyncio.shield(self.limiter.release(models.reservation))
         record = models.record
         outcome = dataclasses.replace(
             outcome,

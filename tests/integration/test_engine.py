@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -492,3 +493,33 @@ def test_a_supervisor_replaces_a_worker_that_dies_and_reports_one_killed_while_d
     supervised.parent.process.send_signal(signal.SIGTERM)
     os.kill(survivor, signal.SIGKILL)
     assert supervised.parent.terminate(timeout=30) == 128 + signal.SIGKILL
+
+
+def test_flower_switches_task_events_on_and_sees_each_run(
+    client: Client, start_worker: Any, mock_model: MockOpenAIServer
+) -> None:
+    # Workers send no task events until someone watches; Flower sends enable_events.
+    worker = start_worker()
+    seen: dict[str, list[str]] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen.setdefault(event.get("uuid", ""), []).append(event["type"])
+
+    app = client.celery
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": on_event})
+        capture = threading.Thread(
+            target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True
+        )
+        capture.start()
+        time.sleep(0.5)
+        unwatched = client.submit("echo", "nobody is looking").wait(timeout=30)
+        time.sleep(0.5)
+        assert unwatched.id not in seen
+
+        replies = app.control.enable_events(destination=[worker.hostname], reply=True)
+        assert replies and "ok" in next(iter(replies[0].values()))
+        watched = client.submit("echo", "Flower is looking").wait(timeout=30)
+        _wait_for(lambda: "task-succeeded" in seen.get(watched.id, []), 10, "the run's events")
+        receiver.should_stop = True
+    assert {"task-received", "task-started", "task-succeeded"} <= set(seen[watched.id])
