@@ -407,12 +407,10 @@ def versions() -> dict[str, str]:
     return found
 
 
-CEILINGS = ("bare", "bare-all")
-
-
 def ceiling_of(phases: dict[str, Phase]) -> Phase | None:
-    """The best bare-SDK configuration measured: as many in flight as agentq's slots, or all."""
-    bare = [phases[name] for name in CEILINGS if name in phases]
+    """The best bare-SDK configuration measured (one process per core, agent cloned per run)."""
+    bare = [phase for name, phase in phases.items() if name.startswith("bare-")]
+    bare = [phase for phase in bare if phase.name != "bare-low"]
     return max(bare, key=lambda phase: phase.runs_per_s, default=None)
 
 
@@ -473,9 +471,8 @@ def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
         )
     lines += [
         "",
-        "bare: Runner.run with as many runs in flight per process as agentq's slots; bare-all: "
-        "every run at once; the ceiling is the faster. *-low: "
-        f"{args.low_concurrency} in flight in one process.",
+        "bare-N: Runner.run with N runs in flight per process (all: every run at once); the "
+        f"ceiling is the fastest. *-low: {args.low_concurrency} in flight in one process.",
     ]
     agentq = phases.get("agentq")
     if agentq:
@@ -500,6 +497,11 @@ def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _bare_step(env: Environment, args: argparse.Namespace, size: str) -> Callable[[], Phase]:
+    in_flight = None if size == "all" else int(size)
+    return lambda: measure_bare(env, args.runs, args.processes, in_flight, name=f"bare-{size}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000)
@@ -516,7 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument(
         "--only", default="bare,agentq,arq,priorities,low",
-        help="comma-separated phases to run (bare also measures bare-all)",
+        help="comma-separated phases to run",
+    )
+    parser.add_argument(
+        "--bare-in-flight", default="50,500,all",
+        help="runs in flight per process for the bare SDK, each measured (the best is the "
+        "ceiling); 'all' runs every run at once",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -532,10 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(settings) as client:
             print(f"logs in {env.logs}", file=sys.stderr)
             steps: list[tuple[str, str, Callable[[], Phase]]] = [
-                ("bare", "bare", lambda: measure_bare(
-                    env, args.runs, args.processes, args.concurrency)),
-                ("bare", "bare-all", lambda: measure_bare(
-                    env, args.runs, args.processes, None, name="bare-all")),
+                ("bare", f"bare-{size}", _bare_step(env, args, size))
+                for size in args.bare_in_flight.split(",")
+            ]
+            steps += [
                 ("agentq", "agentq", lambda: measure_agentq(
                     env, client, args.runs, args.processes, worker_args, args.timeout)),
                 ("arq", "arq", lambda: measure_arq(
