@@ -83,6 +83,9 @@ class RunObserver:
     def in_flight(self, count: int) -> None:
         """Runs executing in this worker process right now."""
 
+    def pool_resized(self, previous: int, slots: int) -> None:
+        """The worker's run slots changed (autoscaling, or Flower's pool controls)."""
+
     def close(self) -> None:
         """Release clients at process shutdown."""
 
@@ -190,6 +193,9 @@ class Telemetry(RunObserver):
 
     def in_flight(self, count: int) -> None:
         self._each("in_flight", count)
+
+    def pool_resized(self, previous: int, slots: int) -> None:
+        self._each("pool_resized", previous, slots)
 
     def close(self) -> None:
         self._each("close")
@@ -359,6 +365,11 @@ class StatsdObserver(RunObserver):
 
     def in_flight(self, count: int) -> None:
         self.client.gauge("agent.runs.in_flight", count)
+
+    def pool_resized(self, previous: int, slots: int) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.gauge("agent.worker.slots", slots)
+            pipe.incr(f"agent.worker.scaled.{'up' if slots > previous else 'down'}")
 
     def close(self) -> None:
         self.client.close()

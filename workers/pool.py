@@ -73,6 +73,8 @@ class AgentPool(TaskPool):  # type: ignore[misc]
     #: within the grace period and hands back the rest, however the worker was told to stop
     #: (a signal, or Flower's and ``celery control``'s remote shutdown).
     drain: Callable[[], None] | None = None
+    #: Told of every change of size, as (previous slots, slots): metrics hook in here.
+    on_resize: Callable[[int, int], None] | None = None
     limit: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,13 +96,17 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         return int(self.limit)
 
     def grow(self, n: int = 1) -> None:
-        self.limit = min(MAX_SLOTS, self.limit + n)
-        self._log_size("grow")
-        self.regate()
+        self._resize(min(MAX_SLOTS, self.limit + n), "grow")
 
     def shrink(self, n: int = 1) -> None:
-        self.limit = max(1, self.limit - n)
-        self._log_size("shrink")
+        self._resize(max(1, self.limit - n), "shrink")
+
+    def _resize(self, slots: int, how: str) -> None:
+        previous, self.limit = self.limit, slots
+        self._log_size(how)
+        on_resize = type(self).on_resize
+        if on_resize is not None and slots != previous:
+            on_resize(previous, slots)
         self.regate()
 
     def _log_size(self, how: str) -> None:

@@ -60,6 +60,7 @@ class WorkerProcess:
             {
                 "high_priority_reserve": settings.high_priority_reserve,
                 "drain": staticmethod(self._drain),
+                "on_resize": staticmethod(self.telemetry.pool_resized),
             },
         )
         self.autoscaler_cls = type(

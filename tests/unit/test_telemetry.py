@@ -182,6 +182,17 @@ def test_retries_queue_depth_and_in_flight_have_metrics() -> None:
     assert "agent.runs.in_flight:3|g" in lines
 
 
+def test_scaling_decisions_have_metrics() -> None:
+    client = FakeStatsd()
+    observer = StatsdObserver(client)
+    observer.pool_resized(2, 50)
+    observer.pool_resized(50, 10)
+    lines = client.lines()
+    assert lines.count("agent.worker.scaled.up:1|c") == 1
+    assert lines.count("agent.worker.scaled.down:1|c") == 1
+    assert "agent.worker.slots:50|g" in lines and "agent.worker.slots:10|g" in lines
+
+
 def test_the_sampler_reports_depth_per_priority_and_survives_a_broker_error() -> None:
     client = FakeStatsd()
     telemetry = Telemetry([StatsdObserver(client)])
