@@ -216,6 +216,11 @@ class Settings(BaseSettings):
     worker_min_concurrency: int | None = Field(None, gt=0, le=10_000)
     """Fewest run slots the autoscaler shrinks a worker process to when its queues are idle;
     unset (or equal to the maximum) means a fixed size."""
+    gc_threshold: Annotated[tuple[int, int, int], NoDecode] = (50_000, 100, 1000)
+    """Python's garbage-collector thresholds in worker processes (``gc.set_threshold``), as
+    ``gen0,gen1,gen2``. Hundreds of runs in flight keep many objects alive, and the default
+    (700,10,10) collects so often that scanning them costs more CPU than the runs' own work;
+    the objects loaded at start-up are also frozen out of the collector's reach."""
     worker_processes: int = Field(1, gt=0, le=256)
     """Engine processes ``agentq worker`` starts, each a Celery worker with its own event loop;
     one per core uses the host, since a run's CPU (not the model's latency) is the limit."""
@@ -245,6 +250,23 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("gc_threshold", mode="before")
+    @classmethod
+    def _thresholds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = _split_csv(value)
+            if len(parts) != 3:
+                raise ValueError("must be three whole numbers, gen0,gen1,gen2")
+            return tuple(parts)
+        return value
+
+    @field_validator("gc_threshold")
+    @classmethod
+    def _positive_thresholds(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(part <= 0 for part in value):
+            raise ValueError("thresholds must be positive")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -340,7 +362,13 @@ def env_name(loc: tuple[str | int, ...]) -> str:
         return alias
     if isinstance(alias, AliasChoices):
         return str(alias.choices[0])
-    return ENV_PREFIX + NESTED_DELIMITER.join(str(part) for part in loc).upper()
+    # An item of a list or tuple setting (an int in the location) is still that variable.
+    names = []
+    for part in loc:
+        if isinstance(part, int):
+            break
+        names.append(str(part))
+    return ENV_PREFIX + NESTED_DELIMITER.join(names).upper()
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -138,3 +138,14 @@ def test_the_readme_documents_every_setting() -> None:
             names = [env_name((name,))]
         missing += [n for n in names if f"`{n}`" not in readme]
     assert missing == []
+
+
+def test_gc_thresholds_are_three_positive_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentq.config import load_settings
+
+    monkeypatch.setenv("AGENTQ_GC_THRESHOLD", "10000, 50, 100")
+    assert load_settings().gc_threshold == (10000, 50, 100)
+    for bad in ("10,x,1", "10,0,1", "1,2"):
+        monkeypatch.setenv("AGENTQ_GC_THRESHOLD", bad)
+        with pytest.raises(ConfigurationError, match="AGENTQ_GC_THRESHOLD"):
+            load_settings()
