@@ -74,7 +74,9 @@ class WorkerProcess:
         )
         self.app.steps["consumer"].add(_slots_step(settings.autoscale_interval))
         self._draining: threading.Thread | None = None
-        self._draining_lock = threading.Lock()
+        # Re-entrant: Celery calls the shutdown hook from its signal handler, which a second
+        # SIGTERM can enter again while the first call still holds the lock.
+        self._draining_lock = threading.RLock()
         self._sampler: Sampler | None = None
 
     def start_engine(self) -> None:
