@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from sqlalchemy import text
 from agentq.client import Client
 from agentq.rollup import minute_of, percentile
 from tests.integration.conftest import ROOT
+from tests.integration.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +46,6 @@ FAST = {
     "AGENTQ_BEAT__SWEEP_QUEUED_AFTER": "0",
     "AGENTQ_WORKER_CONCURRENCY": "8",
 }
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class BeatHandle:
@@ -234,13 +225,13 @@ def test_health_rows_on_schedule_and_one_alert_per_transition(
         start_worker(extra_env=env)
         start_worker(extra_env=env)
         start_beat(env)
-        _wait_for(lambda: _state(db) == "healthy", 40, "the first healthy state")
+        wait_for(lambda: _state(db) == "healthy", 40, "the first healthy state")
         checks = {row[0] for row in _rows(db, 'SELECT DISTINCT "check" FROM health_checks')}
         assert checks >= {"database", "model", "memory", "broker"}
 
         # Rows keep coming at the database check's 1 s interval.
         before = _rows(db, "SELECT count(*) FROM health_checks WHERE \"check\" = 'database'")[0][0]
-        _wait_for(
+        wait_for(
             lambda: (
                 _rows(db, "SELECT count(*) FROM health_checks WHERE \"check\" = 'database'")[0][0]
                 >= before + 3
@@ -251,8 +242,8 @@ def test_health_rows_on_schedule_and_one_alert_per_transition(
         assert webhook.received == []  # the first healthy evaluation is not an alert
 
         cluster.stop()
-        _wait_for(lambda: _state(db) == "degraded", 20, "the degraded state")
-        _wait_for(lambda: webhook.received, 10, "the degraded alert")
+        wait_for(lambda: _state(db) == "degraded", 20, "the degraded state")
+        wait_for(lambda: webhook.received, 10, "the degraded alert")
         failing = _rows(
             db,
             "SELECT error FROM health_checks WHERE \"check\" = 'database' AND NOT healthy "
@@ -267,8 +258,8 @@ def test_health_rows_on_schedule_and_one_alert_per_transition(
         assert set(alert["failing"]) == {"database"}
 
         cluster.start()
-        _wait_for(lambda: _state(db) == "healthy", 20, "recovery")
-        _wait_for(lambda: len(webhook.received) >= 2, 10, "the recovery alert")
+        wait_for(lambda: _state(db) == "healthy", 20, "recovery")
+        wait_for(lambda: len(webhook.received) >= 2, 10, "the recovery alert")
         time.sleep(3)
         assert [a["state"] for a in webhook.received] == ["degraded", "healthy"]
         transitions = _rows(db, "SELECT previous, state FROM health_transitions ORDER BY id")
@@ -295,7 +286,7 @@ def test_rollups_match_the_runs(
         rows = _rows(db, "SELECT * FROM metric_rollups WHERE agent = 'echo' ORDER BY minute")
         return rows if sum(r.runs for r in rows) == len(runs) else []
 
-    rollups = _wait_for(stored, 40, "rollups covering every run")
+    rollups = wait_for(stored, 40, "rollups covering every run")
     by_minute: dict[Any, list[Any]] = {}
     for run in runs:
         assert run.finished_at is not None
@@ -366,7 +357,7 @@ def test_a_scheduled_batch_fires_once_per_period_with_two_beats(
     env = {**FAST, "AGENTQ_BATCHES": json.dumps(batches)}
     worker = start_worker(extra_env=env)
     first, second = start_beat(env), start_beat(env)
-    _wait_for(lambda: _rows(db, "SELECT id FROM batches"), 30, "a first batch")
+    wait_for(lambda: _rows(db, "SELECT id FROM batches"), 30, "a first batch")
     started = time.monotonic()
     time.sleep(4 * period)
     first.stop()
@@ -385,9 +376,7 @@ def test_a_scheduled_batch_fires_once_per_period_with_two_beats(
         assert sorted(r.input for r in linked) == ["a", "b", "c"]
     # Both Beats were live: each slot was offered twice and published once.
     assert "beat_slot_taken" in first.log() + second.log()
-    _wait_for(
-        lambda: worker.log().count("Task agentq.beat.batch[") >= len(fired), 20, "batch tasks"
-    )
+    wait_for(lambda: worker.log().count("Task agentq.beat.batch[") >= len(fired), 20, "batch tasks")
     time.sleep(1)
     executed = sum(
         1

@@ -23,18 +23,9 @@ import redis
 
 from agentq.client import Client
 from agentq.testing import MockOpenAIServer
+from tests.integration.waiting import broker_drained, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _log_records(log: str, action: str) -> list[dict[str, Any]]:
@@ -115,7 +106,7 @@ def test_high_priority_runs_overtake_a_backlog_of_low_ones(
         [{"agent": "echo", "input": f"low {i}", "priority": "low"} for i in range(backlog)]
     )
     low_ids = [h.id for h in lows]
-    _wait_for(
+    wait_for(
         lambda: sum(run.finished for run in client.store.get_many(low_ids)) >= general_slots,
         30,
         "the backlog to be under way",
@@ -128,7 +119,7 @@ def test_high_priority_runs_overtake_a_backlog_of_low_ones(
 
     # Every general slot has most of a model call still to go: only the reserve can start a
     # high run before one of them frees.
-    _wait_for(general_slots_just_filled, 30, "the low runs to fill the general slots")
+    wait_for(general_slots_just_filled, 30, "the low runs to fill the general slots")
     first = client.submit("echo", "urgent", priority="high").wait(timeout=30)
     low_runs = client.store.get_many(low_ids)
     alongside = [
@@ -193,7 +184,7 @@ def test_a_worker_grows_with_its_backlog_and_shrinks_back_when_idle(
         time.sleep(0.2)
     runs = client.wait_many([h.id for h in handles], timeout=5)
     busy_peak = mock_model.stats()["max_in_flight"]
-    _wait_for(
+    wait_for(
         lambda: _pool_info(client, worker.hostname)["max-concurrency"] == 2,
         20,
         "the pool to shrink back to its minimum",
@@ -257,13 +248,6 @@ def test_flowers_pool_controls_resize_a_fixed_size_worker(
     assert peak_in_flight(9) == 3
 
 
-def _broker_drained(redis_url: str) -> bool:
-    """No message waits in a queue and none is delivered but unacknowledged."""
-    db = redis.Redis.from_url(redis_url)
-    waiting = sum(db.llen(f"agentq.{p}") for p in ("high", "normal", "low"))
-    return waiting == 0 and db.hlen("unacked") == 0
-
-
 SHUTDOWN_ENV = {"AGENTQ_HIGH_PRIORITY_RESERVE": "0"}
 
 
@@ -278,7 +262,7 @@ def test_sigterm_lets_runs_that_fit_in_the_grace_period_finish(
     handles = client.submit_many(
         [{"agent": "calculator", "input": f"What is {i} plus 1?"} for i in range(slots)]
     )
-    _wait_for(lambda: mock_model.stats()["in_flight"] == slots, 30, "every run's first model call")
+    wait_for(lambda: mock_model.stats()["in_flight"] == slots, 30, "every run's first model call")
     # Runs still in the queue when the signal comes are left there for other workers.
     later = client.submit_many(
         [{"agent": "calculator", "input": f"What is {i} plus 2?"} for i in range(waiting)]
@@ -314,7 +298,7 @@ def test_sigterm_hands_runs_longer_than_the_grace_period_to_another_worker(
         [{"agent": "calculator", "input": f"What is {i} plus 1?"} for i in range(runs_count)]
     )
     run_ids = [h.id for h in handles]
-    _wait_for(
+    wait_for(
         lambda: mock_model.stats()["in_flight"] == runs_count, 30, "every run's first model call"
     )
 
@@ -337,7 +321,7 @@ def test_sigterm_hands_runs_longer_than_the_grace_period_to_another_worker(
     mock_model.configure(latency_ms=200)
     second = start_worker(extra_env=SHUTDOWN_ENV, args=args)
     runs = client.wait_many(run_ids, timeout=30)
-    _wait_for(lambda: _broker_drained(redis_url), 30, "every delivery to be acknowledged")
+    wait_for(lambda: broker_drained(redis_url), 30, "every delivery to be acknowledged")
 
     assert [run.status.value for run in runs] == ["succeeded"] * runs_count
     assert all(run.worker is not None and run.worker.endswith(f":{second.pid}") for run in runs)
@@ -363,7 +347,7 @@ def test_a_remote_shutdown_also_hands_back_what_outlasts_the_grace_period(
         [{"agent": "echo", "input": f"message {i}"} for i in range(runs_count)]
     )
     run_ids = [h.id for h in handles]
-    _wait_for(lambda: mock_model.stats()["in_flight"] == runs_count, 30, "every model call")
+    wait_for(lambda: mock_model.stats()["in_flight"] == runs_count, 30, "every model call")
 
     client.celery.control.shutdown(destination=[first.hostname])
     started = time.monotonic()
@@ -379,7 +363,7 @@ def test_a_remote_shutdown_also_hands_back_what_outlasts_the_grace_period(
     runs = client.wait_many(run_ids, timeout=30)
     assert [run.status.value for run in runs] == ["succeeded"] * runs_count
     assert all(run.attempts == 1 for run in runs)
-    _wait_for(lambda: _broker_drained(redis_url), 30, "every delivery to be acknowledged")
+    wait_for(lambda: broker_drained(redis_url), 30, "every delivery to be acknowledged")
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -415,7 +399,7 @@ class Supervised:
 
     def hostnames(self, client: Client) -> dict[int, str]:
         """Its two children, once both answer ping, with their Celery hostnames."""
-        _wait_for(lambda: len(self.children()) == 2, 30, "two worker processes")
+        wait_for(lambda: len(self.children()) == 2, 30, "two worker processes")
         node = os.uname().nodename
         names = {pid: f"agentq@{node}.{pid}" for pid in self.children()}
 
@@ -423,7 +407,7 @@ class Supervised:
             replies = client.celery.control.ping(destination=list(names.values()), timeout=0.5)
             return {name for reply in replies for name in reply}
 
-        _wait_for(lambda: answering() == set(names.values()), 60, "the workers to answer ping")
+        wait_for(lambda: answering() == set(names.values()), 60, "the workers to answer ping")
         return names
 
 
@@ -458,7 +442,7 @@ def test_a_supervisor_runs_two_workers_and_drains_both_on_sigterm(
         [{"agent": "calculator", "input": f"What is {i} plus 3?"} for i in range(2 * slots)]
     )
     # Each process holds no more runs than its slots, so both are busy.
-    _wait_for(lambda: mock_model.stats()["in_flight"] == 2 * slots, 30, "both processes' runs")
+    wait_for(lambda: mock_model.stats()["in_flight"] == 2 * slots, 30, "both processes' runs")
 
     assert supervised.parent.terminate(timeout=30) == 0
     assert not any(_alive(pid) for pid in children)
@@ -468,7 +452,7 @@ def test_a_supervisor_runs_two_workers_and_drains_both_on_sigterm(
     assert {run.worker for run in runs} == {f"{node}:{pid}" for pid in children}
     assert all(run.attempts == 1 for run in runs)
     assert mock_model.stats()["total_requests"] == 2 * 2 * slots
-    assert _broker_drained(redis_url)
+    assert broker_drained(redis_url)
 
 
 def test_a_supervisor_replaces_a_worker_that_dies_and_reports_one_killed_while_draining(
@@ -478,7 +462,7 @@ def test_a_supervisor_replaces_a_worker_that_dies_and_reports_one_killed_while_d
     victim, survivor = supervised.hostnames(client)
     os.kill(victim, signal.SIGKILL)
 
-    replaced = _wait_for(
+    replaced = wait_for(
         lambda: set(supervised.children()) - {victim, survivor}, 30, "a new worker process"
     )
     children = supervised.hostnames(client)
@@ -489,7 +473,7 @@ def test_a_supervisor_replaces_a_worker_that_dies_and_reports_one_killed_while_d
     # A drain cut short by a crash is not a clean exit: the parent's status says so.
     mock_model.configure(latency_ms=2000)
     client.submit_many([{"agent": "echo", "input": f"run {i}"} for i in range(4)])
-    _wait_for(lambda: mock_model.stats()["in_flight"] == 4, 30, "both processes' runs")
+    wait_for(lambda: mock_model.stats()["in_flight"] == 4, 30, "both processes' runs")
     supervised.parent.process.send_signal(signal.SIGTERM)
     os.kill(survivor, signal.SIGKILL)
     assert supervised.parent.terminate(timeout=30) == 128 + signal.SIGKILL
@@ -520,6 +504,6 @@ def test_flower_switches_task_events_on_and_sees_each_run(
         replies = app.control.enable_events(destination=[worker.hostname], reply=True)
         assert replies and "ok" in next(iter(replies[0].values()))
         watched = client.submit("echo", "Flower is looking").wait(timeout=30)
-        _wait_for(lambda: "task-succeeded" in seen.get(watched.id, []), 10, "the run's events")
+        wait_for(lambda: "task-succeeded" in seen.get(watched.id, []), 10, "the run's events")
         receiver.should_stop = True
     assert {"task-received", "task-started", "task-succeeded"} <= set(seen[watched.id])

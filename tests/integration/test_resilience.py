@@ -14,6 +14,7 @@ from agentq.client import Client
 from agentq.exceptions import InvalidRunRequest
 from agentq.run import new_run_id
 from agentq.testing import MockOpenAIServer, max_requests_in_window
+from tests.integration.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +25,6 @@ FAST_RETRIES = {
     "AGENTQ_RETRY_BACKOFF": "0.05",
     "AGENTQ_RETRY_BACKOFF_MAX": "0.5",
 }
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_runs_succeed_when_30_percent_of_model_calls_fail(
@@ -94,7 +86,7 @@ def test_two_workers_share_one_request_limit_without_blocking_their_slots(
     start_worker(extra_env=env)
     backlog = client.submit_many([{"agent": "echo", "input": f"message {i}"} for i in range(30)])
     # Let the first window fill, then ask for a run on a model with room to spare.
-    _wait_for(lambda: mock_model.stats()["total_requests"] >= limit, 30, "the window to fill")
+    wait_for(lambda: mock_model.stats()["total_requests"] >= limit, 30, "the window to fill")
     other = client.submit("mini-echo", "a model with room").wait(timeout=30)
     unfinished_then = sum(
         1 for run in client.store.get_many([h.id for h in backlog]) if not run.finished
@@ -196,7 +188,7 @@ def test_poison_messages_become_dead_letters_once(
     def letters() -> list[Any]:
         return _dead_letters(postgres_url, list(tasks.values()), [missing])
 
-    _wait_for(lambda: len(letters()) >= 3, 30, "three dead letters")
+    wait_for(lambda: len(letters()) >= 3, 30, "three dead letters")
     # The worker is healthy and the messages are gone: a real run still goes through, and
     # no poison message came back to be recorded again.
     assert client.submit("echo", "still alive").wait(timeout=30).status.value == "succeeded"

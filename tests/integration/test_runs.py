@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from agentq.client import Client
 from agentq.exceptions import InvalidRunRequest
 from agentq.testing import MockOpenAIServer
+from tests.integration.waiting import broker_drained, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,24 +47,6 @@ def test_runs_across_priorities_complete_with_the_servers_usage(
     assert stats["total_requests"] == 18
 
 
-def _broker_drained(redis_url: str) -> bool:
-    """No message waits in a queue and none is delivered but unacknowledged."""
-    import redis
-
-    db = redis.Redis.from_url(redis_url)
-    waiting = sum(db.llen(f"agentq.{p}") for p in ("high", "normal", "low"))
-    return waiting == 0 and db.hlen("unacked") == 0
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_a_redelivered_message_for_a_finished_run_does_nothing(
     client: Client, start_worker: Any, mock_model: MockOpenAIServer, redis_url: str
 ) -> None:
@@ -75,7 +57,7 @@ def test_a_redelivered_message_for_a_finished_run_does_nothing(
 
     # The broker hands the same message out again, as after a visibility timeout.
     client._publish([(run.id, run.priority)])
-    _wait_for(lambda: _broker_drained(redis_url), 30, "the duplicate to be consumed")
+    wait_for(lambda: broker_drained(redis_url), 30, "the duplicate to be consumed")
 
     again = client.get(run.id)
     assert again.attempts == 1
@@ -95,7 +77,7 @@ def test_a_run_survives_kill_9_of_its_worker_and_completes_once(
     }
     first = start_worker(extra_env=short)
     handle = client.submit("calculator", "What is 20 plus 22?")
-    _wait_for(lambda: mock_model.stats()["in_flight"] >= 1, 30, "the first model call")
+    wait_for(lambda: mock_model.stats()["in_flight"] >= 1, 30, "the first model call")
     assert client.get(handle.id).status.value == "running"
     first.kill()
 
@@ -105,7 +87,7 @@ def test_a_run_survives_kill_9_of_its_worker_and_completes_once(
     assert run.status.value == "succeeded"
     assert run.attempts == 2
     assert run.tool_calls == 1
-    _wait_for(lambda: _broker_drained(redis_url), 30, "every delivery to be acknowledged")
+    wait_for(lambda: broker_drained(redis_url), 30, "every delivery to be acknowledged")
     # One call died with the first worker; the second attempt made the run's two calls.
     assert mock_model.stats()["total_requests"] == 3
     assert client.get(run.id).attempts == 2
@@ -156,7 +138,7 @@ def test_bad_input_is_refused_with_nothing_stored_or_sent(
         client.submit(agent, text, **options)
     assert refused.value.field == field
     assert client.store.count_by_status() == {}
-    assert _broker_drained(redis_url)
+    assert broker_drained(redis_url)
 
 
 def test_a_bad_item_in_submit_many_rejects_the_whole_call(client: Client, redis_url: str) -> None:
@@ -166,7 +148,7 @@ def test_a_bad_item_in_submit_many_rejects_the_whole_call(client: Client, redis_
         )
     assert refused.value.field == "[1].input"
     assert client.store.count_by_status() == {}
-    assert _broker_drained(redis_url)
+    assert broker_drained(redis_url)
 
 
 def test_waiting_with_an_absurd_timeout_is_refused(client: Client) -> None:
@@ -197,7 +179,7 @@ def test_cancel_stops_a_queued_run_from_starting(
     assert handle.cancel().status.value == "cancelled"
 
     start_worker()
-    _wait_for(lambda: _broker_drained(redis_url), 30, "the message to be consumed")
+    wait_for(lambda: broker_drained(redis_url), 30, "the message to be consumed")
     run = client.get(handle.id)
     assert run.status.value == "cancelled"
     assert run.attempts == 0
@@ -210,7 +192,7 @@ def test_cancel_stops_a_running_run_at_its_next_turn(
     mock_model.configure(latency_ms=2500)
     start_worker(extra_env={"AGENTQ_LEASE_SECONDS": "3"})
     handle = client.submit("calculator", "What is 4 plus 4?")
-    _wait_for(lambda: mock_model.stats()["in_flight"] >= 1, 30, "the first model call")
+    wait_for(lambda: mock_model.stats()["in_flight"] >= 1, 30, "the first model call")
 
     assert handle.cancel().status.value == "running"
     run = handle.wait(timeout=30)

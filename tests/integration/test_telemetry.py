@@ -18,6 +18,7 @@ import sqlalchemy
 from agentq.client import Client
 from agentq.testing import MockOpenAIServer
 from tests.integration.test_cli import agentq
+from tests.integration.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -136,15 +137,6 @@ def sentry() -> Iterator[SentryListener]:
     listener.close()
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_statsd_receives_the_guides_metrics_for_a_known_set_of_runs(
     client: Client, start_worker: Any, mock_model: MockOpenAIServer, statsd: StatsdListener
 ) -> None:
@@ -164,8 +156,8 @@ def test_statsd_receives_the_guides_metrics_for_a_known_set_of_runs(
     runs = client.wait_many([h.id for h in client.submit_many(items)], timeout=60)
     assert [r.status.value for r in runs] == ["succeeded"] * 5 + ["failed"]
 
-    _wait_for(lambda: len(statsd.values("agent.execution.total", "c")) >= 6, 10, "all runs")
-    _wait_for(lambda: statsd.values("agent.runs.in_flight", "g"), 10, "a sample")
+    wait_for(lambda: len(statsd.values("agent.execution.total", "c")) >= 6, 10, "all runs")
+    wait_for(lambda: statsd.values("agent.runs.in_flight", "g"), 10, "a sample")
     assert sum(statsd.values("agent.execution.total", "c")) == 6
     assert sum(statsd.values("agent.execution.success.calculator", "c")) == 3
     assert sum(statsd.values("agent.execution.success.echo", "c")) == 2
@@ -189,7 +181,7 @@ def test_statsd_receives_the_guides_metrics_for_a_known_set_of_runs(
     assert sum(statsd.values("agent.tokens.total.all", "c")) == 3 * 94 + 2 * 47
 
     # Sampled: nothing waits in the queues once the runs are done.
-    _wait_for(
+    wait_for(
         lambda: (
             {"agent.queue.depth.high", "agent.queue.depth.normal", "agent.queue.depth.low"}
             <= statsd.names()
@@ -214,7 +206,7 @@ def test_a_failed_run_reaches_sentry_tagged_and_without_secrets_or_input(
     # The error message the tool wrote quotes the key and the user's data.
     assert run.error_type == "internal"
 
-    _wait_for(lambda: sentry.events, 15, "a Sentry event")
+    wait_for(lambda: sentry.events, 15, "a Sentry event")
     time.sleep(0.5)
     tagged = [e for e in sentry.events if (e.get("tags") or {}).get("run_id") == run.id]
     assert len(tagged) == 1, [e.get("tags") for e in sentry.events]
@@ -248,7 +240,7 @@ def test_a_runs_trace_is_stored_with_model_and_tool_spans(
     try:
         from agentq.tracing import load_traces
 
-        _wait_for(lambda: load_traces(engine, run.id), 10, "the trace to be stored")
+        wait_for(lambda: load_traces(engine, run.id), 10, "the trace to be stored")
         time.sleep(0.5)
         (trace,) = load_traces(engine, run.id)
     finally:
