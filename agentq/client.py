@@ -26,6 +26,9 @@ from agentq.store import RunStore, make_engine, migrate
 if TYPE_CHECKING:
     from celery import Celery
 
+#: What a run request may set besides its agent and input (``submit`` and ``submit_many``).
+RUN_OPTIONS = ("priority", "context", "idempotency_key", "max_turns", "max_tokens", "cache")
+
 #: Polling for a result starts fast and backs off to this interval.
 MAX_POLL_INTERVAL = 0.5
 
@@ -126,34 +129,15 @@ class Client:
         for index, item in enumerate(items):
             if not isinstance(item, Mapping):
                 raise InvalidRunRequest(f"item {index} is not a mapping", field=f"[{index}]")
-            unknown = set(item) - {
-                "agent",
-                "input",
-                "priority",
-                "context",
-                "idempotency_key",
-                "max_turns",
-                "max_tokens",
-                "cache",
-            }
+            unknown = set(item) - {"agent", "input", *RUN_OPTIONS}
             if unknown:
                 raise InvalidRunRequest(
                     f"item {index} has unknown fields: {', '.join(sorted(unknown))}",
                     field=f"[{index}]",
                 )
+            options = {name: item[name] for name in RUN_OPTIONS if name in item}
             try:
-                requests.append(
-                    self._request(
-                        item.get("agent"),
-                        item.get("input"),
-                        priority=item.get("priority", "normal"),
-                        context=item.get("context"),
-                        idempotency_key=item.get("idempotency_key"),
-                        max_turns=item.get("max_turns"),
-                        max_tokens=item.get("max_tokens"),
-                        cache=item.get("cache", True),
-                    )
-                )
+                requests.append(self._request(item.get("agent"), item.get("input"), **options))
             except InvalidRunRequest as exc:
                 raise InvalidRunRequest(
                     f"item {index}: {exc}", field=f"[{index}].{exc.field}"

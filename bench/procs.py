@@ -27,15 +27,6 @@ def tree(pids: Iterable[int]) -> list[psutil.Process]:
     return list(found.values())
 
 
-def cpu_seconds(processes: Iterable[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def named(*names: str) -> list[psutil.Process]:
     """Every process of these names on the host (Redis, Postgres: shared with other users)."""
     found = []
