@@ -9,7 +9,10 @@ taken first as soon as a slot frees.
 The high-priority reserve: once the runs of other priorities fill ``size - reserve`` slots,
 the consumer stops taking messages from their queues and keeps taking high-priority ones,
 so a high run starts at once even behind a backlog. Consumption resumes with a little
-hysteresis, so a saturated worker does not toggle its queues on every finished run.
+hysteresis, so a saturated worker does not toggle its queues on every finished run. On Redis
+the gate only narrows the keys of the consumer's next BRPOP, and reopening interrupts the
+BRPOP in flight, so closing and reopening costs no queue declarations and no polling; other
+brokers cancel and resume the consumers of the general queues.
 
 Growing only raises the limit; shrinking only lowers it: runs in flight always finish on the
 slot they hold, so scaling never drops, interrupts or repeats a run.
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.concurrency.thread import ApplyResult, TaskPool
+from kombu.transport.redis import Channel as RedisChannel
 
 from agentq.app import QUEUE_NAMES, queue_name
 from agentq.run import Priority
@@ -44,9 +48,10 @@ def reserved_slots(size: int, share: float) -> int:
     return min(size - 1, max(1, math.ceil(size * share)))
 
 
-#: Seconds one BRPOP blocks while only the high queue is consumed. Taking the other queues
-#: again must wait for the BRPOP in flight (which names only the high queue) to return: with
-#: Redis's usual second, a freed slot would sit idle that long each time.
+#: Seconds one BRPOP blocks while only the high queue is consumed, when the BRPOP in flight
+#: cannot be interrupted (its connection is not found among Redis's clients, as behind a
+#: proxy): taking the other queues again waits for it to return, and with Redis's usual
+#: second a freed slot would sit idle that long each time.
 GATED_POLL_TIMEOUT = 0.02
 
 
@@ -87,7 +92,7 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         self.gated = False
         self.consumer: Any = None
         self.hub: Any = None
-        self._poll_timeout: float | None = None
+        self._gate: QueueGate | None = None
 
     # Sizing (Flower's pool controls and the autoscaler call these on the consumer thread).
 
@@ -137,8 +142,13 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         self.hub = loop
 
     def bind(self, consumer: Any) -> None:
-        """Called once the consumer exists: the reserve needs to cancel and add its queues."""
+        """Called whenever the consumer (re)starts: the reserve gates its queues.
+
+        A restarted consumer (after a lost connection) consumes every queue again.
+        """
         self.consumer = consumer
+        self.gated = False
+        self._gate = None
 
     def on_apply(
         self,
@@ -186,27 +196,25 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         general_slots = self.limit - reserve
         if not self.gated and reserve and self.general_in_flight >= general_slots:
             self.gated = True
-            for name in GENERAL_QUEUES:
-                consumer.task_consumer.cancel_by_queue(name)
-            self._set_poll_timeout(GATED_POLL_TIMEOUT)
+            self._gate_for(consumer).close()
         elif self.gated and (
             not reserve or self.general_in_flight <= general_slots - max(1, reserve // 2)
         ):
             self.gated = False
-            for name in GENERAL_QUEUES:
-                if not consumer.task_consumer.consuming_from(name):
-                    consumer.task_consumer.add_queue(consumer.app.amqp.queues[name])
-            consumer.task_consumer.consume()
-            self._set_poll_timeout(None)
+            self._gate_for(consumer).open()
 
-    def _set_poll_timeout(self, seconds: float | None) -> None:
-        """Shorten (or, with None, restore) the Redis transport's BRPOP timeout, if it has one."""
-        channel = getattr(self.consumer.task_consumer, "channel", None)
-        if channel is None or not hasattr(channel, "brpop_timeout"):
-            return
-        if self._poll_timeout is None:
-            self._poll_timeout = channel.brpop_timeout
-        channel.brpop_timeout = self._poll_timeout if seconds is None else seconds
+    def _gate_for(self, consumer: Any) -> QueueGate:
+        """The gate of the consumer's current channel (a reconnection brings a new one)."""
+        task_consumer = consumer.task_consumer
+        gate = self._gate
+        if gate is None or not gate.serves(task_consumer):
+            channel = getattr(task_consumer, "channel", None)
+            if isinstance(channel, RedisChannel):
+                gate = RedisQueueGate(task_consumer, channel, lambda: self.gated)
+            else:
+                gate = ConsumerQueueGate(consumer, task_consumer)
+            self._gate = gate
+        return gate
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
@@ -219,3 +227,133 @@ class AgentPool(TaskPool):  # type: ignore[misc]
             }
         )
         return info
+
+
+class QueueGate:
+    """Closes and opens the general queues of one task consumer for the high reserve."""
+
+    def __init__(self, task_consumer: Any) -> None:
+        self.task_consumer = task_consumer
+
+    def serves(self, task_consumer: Any) -> bool:
+        return task_consumer is self.task_consumer
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+
+class ConsumerQueueGate(QueueGate):
+    """Any broker: cancel the general queues' consumers, and add them back to reopen."""
+
+    def __init__(self, consumer: Any, task_consumer: Any) -> None:
+        super().__init__(task_consumer)
+        self.queues = consumer.app.amqp.queues
+
+    def close(self) -> None:
+        for name in GENERAL_QUEUES:
+            self.task_consumer.cancel_by_queue(name)
+
+    def open(self) -> None:
+        for name in GENERAL_QUEUES:
+            if not self.task_consumer.consuming_from(name):
+                self.task_consumer.add_queue(self.queues[name])
+        self.task_consumer.consume()
+
+
+class RedisQueueGate(QueueGate):
+    """Redis: the channel's BRPOP leaves out the general queues while closed.
+
+    The channel keeps its consumers; only the queue cycle it takes BRPOP's keys from is
+    filtered. Closing is free: it happens as a run is applied, before the consumer sends its
+    next BRPOP. Opening has a BRPOP naming only the high queue in flight; ``CLIENT UNBLOCK``
+    ends it as if it had timed out, and the consumer's next BRPOP names every queue.
+    """
+
+    def __init__(self, task_consumer: Any, channel: Any, closed: Callable[[], bool]) -> None:
+        super().__init__(task_consumer)
+        self.channel = channel
+        cycle = channel._queue_cycle
+        if not isinstance(cycle, _GatedCycle):
+            cycle = channel._queue_cycle = _GatedCycle(cycle)
+        cycle.closed = closed
+        self._admin: Any = None
+        #: The BRPOP connection's socket and its Redis client id, once looked up.
+        self._blocked: tuple[Any, int | None] | None = None
+        self._default_timeout = channel.brpop_timeout
+
+    def close(self) -> None:
+        if self._client_id() is None:
+            # Nothing can interrupt the gated BRPOP: keep it short instead.
+            self.channel.brpop_timeout = GATED_POLL_TIMEOUT
+
+    def open(self) -> None:
+        self.channel.brpop_timeout = self._default_timeout
+        if not self.channel._in_poll:
+            return
+        client_id = self._client_id()
+        if client_id is None:
+            return
+        try:
+            self._admin_client().execute_command("CLIENT", "UNBLOCK", client_id)
+        except Exception:  # the gated BRPOP then simply runs to its timeout
+            logger.warning(
+                "cannot interrupt the gated BRPOP",
+                exc_info=True,
+                extra={"action": "gate_unblock_failed"},
+            )
+
+    def _admin_client(self) -> Any:
+        if self._admin is None:
+            self._admin = self.channel._create_client(asynchronous=False)
+        return self._admin
+
+    def _client_id(self) -> int | None:
+        """Redis's id of the connection the channel sends BRPOP on, matched by its address."""
+        connection = getattr(self.channel.client, "connection", None)
+        sock = getattr(connection, "_sock", None)
+        if sock is None:
+            return None
+        if self._blocked is not None and self._blocked[0] is sock:
+            return self._blocked[1]
+        found: int | None = None
+        try:
+            host, port = sock.getsockname()[:2]
+            for entry in self._admin_client().client_list():
+                address, _, their_port = str(entry.get("addr", "")).rpartition(":")
+                if their_port == str(port) and address.strip("[]") == host:
+                    found = int(entry["id"])
+                    break
+        except Exception:  # unknown: the gate falls back to a short BRPOP
+            logger.warning(
+                "cannot find the BRPOP connection among Redis's clients",
+                exc_info=True,
+                extra={"action": "gate_lookup_failed"},
+            )
+        self._blocked = (sock, found)
+        return found
+
+
+class _GatedCycle:
+    """A Redis channel's queue cycle that leaves out the general queues while closed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.closed: Callable[[], bool] = lambda: False
+
+    def update(self, queues: Any) -> None:
+        self.inner.update(queues)
+
+    def consume(self, n: int) -> list[str]:
+        queues: list[str] = self.inner.consume(n)
+        if self.closed():
+            return [name for name in queues if name not in GENERAL_QUEUES]
+        return queues
+
+    def rotate(self, last_used: str) -> None:
+        self.inner.rotate(last_used)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
