@@ -52,15 +52,19 @@ def arq_python() -> str:
         return configured
     python = ARQ_VENV / "bin" / "python"
     if not python.exists():
-        from importlib.metadata import version
-
         print(f"creating {ARQ_VENV} for the arq peer ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(ARQ_VENV)], check=True)
-        # The same Agents SDK and openai as agentq's workers, so only the queue differs.
-        pins = [f"{name}=={version(name)}" for name in ("openai-agents", "openai")]
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "arq", *pins], check=True
-        )
+    check = [str(python), "-c", "import arq, aiohttp, agents"]
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        from importlib.metadata import version
+
+        # The same Agents SDK, openai and HTTP transport as agentq's workers: only the queue
+        # differs.
+        pins = [
+            f"openai-agents=={version('openai-agents')}",
+            f"openai[aiohttp]=={version('openai')}",
+        ]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "arq", *pins], check=True)
     return str(python)
 
 
@@ -94,6 +98,8 @@ class Environment:
             "OPENAI_API_KEY": "sk-bench",
             "AGENTQ_AGENT_MODULES": "bench.agents",
             "AGENTQ_ENABLE_TRACING": "false",
+            # agentq's default transport, set for all three so only the queue differs.
+            "AGENTQ_HTTP_CLIENT": "aiohttp",
             "LOG_LEVEL": "warning",
             **extra,
         }

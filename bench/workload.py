@@ -38,7 +38,8 @@ def make_run_config() -> tuple[Any, Any]:
     """A RunConfig on the model server named by ``OPENAI_BASE_URL``, and its client to close.
 
     Configured as agentq configures its workers: the Responses API, no client retries, the
-    request timeout, tracing off.
+    request timeout, tracing off, and the HTTP transport ``AGENTQ_HTTP_CLIENT`` names (the
+    benchmark sets aiohttp, agentq's default, for all three).
     """
     from agents import OpenAIProvider, RunConfig, set_trace_processors
     from openai import AsyncOpenAI
