@@ -119,8 +119,11 @@ class QueueDepthAutoscaler(Autoscaler):  # type: ignore[misc]
                     self._resize(min - self.pool.num_processes)
             logger.info(
                 "autoscale bounds changed",
-                extra={"action": "autoscale_bounds", "min": self.min_concurrency,
-                       "max": self.max_concurrency},
+                extra={
+                    "action": "autoscale_bounds",
+                    "min": self.min_concurrency,
+                    "max": self.max_concurrency,
+                },
             )
             return self.max_concurrency, self.min_concurrency
 

@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -87,6 +87,7 @@ class Engine:
         registry: Registry,
         worker_name: str,
         telemetry: Telemetry | None = None,
+        result_of: Callable[[concurrent.futures.Future[Any], float | None], Any] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -112,6 +113,9 @@ class Engine:
         self._waiting: set[concurrent.futures.Future[str]] = set()
         self._stopping = False
         self._stop_lock = threading.Lock()
+        #: How a Celery task waits for what it sent in: the pool's run slots park instead of
+        #: blocking the thread they share.
+        self._result_of = result_of or _blocking_result
 
     # Life cycle (called from other threads).
 
@@ -243,7 +247,8 @@ class Engine:
         if loop is None or not loop.is_running() or self._stopping:
             raise RunHandedBack()
         try:
-            return self.submit(run_id).result()
+            status: str = self._result_of(self.submit(run_id), None)
+            return status
         except concurrent.futures.CancelledError:
             raise RunHandedBack() from None
 
@@ -331,7 +336,7 @@ class Engine:
         if self._loop is None:
             raise RuntimeError("the engine is not started")
         coroutine = self._dead_letter(task_id, run_id, reason, detail, payload)
-        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
+        self._result_of(asyncio.run_coroutine_threadsafe(coroutine, self._loop), 60)
 
     def _agent_for(self, name: str) -> Any:
         prototype = self._agents.get(name)
@@ -445,6 +450,10 @@ class Engine:
                     entry.cancel_requested = True
 
 
+def _blocking_result(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
+    return future.result(timeout)
+
+
 class _RunControl(RunHooks[Any]):
     """Run hooks that stop a cancelled run at its next turn and count turns."""
 
@@ -512,11 +521,16 @@ def classify(exc: BaseException) -> tuple[ErrorType, str]:
         import openai
     except ImportError:  # pragma: no cover - openai is a dependency
         openai = None  # type: ignore[assignment]
-    if openai is not None and isinstance(exc, openai.APIStatusError) and exc.status_code in (
-        400,
-        404,
-        413,
-        422,
+    if (
+        openai is not None
+        and isinstance(exc, openai.APIStatusError)
+        and exc.status_code
+        in (
+            400,
+            404,
+            413,
+            422,
+        )
     ):
         return ErrorType.INVALID_REQUEST, f"the model rejected the request: {exc}"
     if openai is not None and isinstance(exc, openai.APIError):

@@ -1,7 +1,10 @@
 """The worker's Celery pool: run slots that grow and shrink, with a share kept for high priority.
 
-Each slot is a thread that only waits for the engine's answer; every model call of every run
-shares the engine's event loop. The pool's size is its number of slots, and the consumer's
+A run's slot is a greenlet on Celery's consumer thread: it runs Celery's trace of the run task
+(acceptance, the task, the acknowledgement) and parks while the engine executes the run, so a
+worker with hundreds of runs in flight has no thread per run to wake and switch to. Every model
+call of every run shares the engine's event loop. Beat's jobs, which block on I/O of their own,
+run on threads. The pool's size is its number of slots, and the consumer's
 prefetch count follows it (acks late, multiplier 1), so the worker never holds more messages
 than it has slots: a message it has not taken stays in Redis, where a high-priority one is
 taken first as soon as a slot frees.
@@ -20,19 +23,24 @@ slot they hold, so scaling never drops, interrupts or repeats a run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult, TaskPool
+from greenlet import getcurrent, greenlet
 from kombu.transport.redis import Channel as RedisChannel
 
-from agentq.app import QUEUE_NAMES, queue_name
+from agentq.app import QUEUE_NAMES, RUN_TASK, queue_name
 from agentq.run import Priority
 
 logger = logging.getLogger("agentq.pool")
+
+T = TypeVar("T")
 
 HIGH_QUEUE = queue_name(Priority.HIGH)
 GENERAL_QUEUES = tuple(name for name in QUEUE_NAMES if name != HIGH_QUEUE)
@@ -53,6 +61,11 @@ def reserved_slots(size: int, share: float) -> int:
 #: proxy): taking the other queues again waits for it to return, and with Redis's usual
 #: second a freed slot would sit idle that long each time.
 GATED_POLL_TIMEOUT = 0.02
+
+
+def _task_of(args: tuple[Any, ...] | None) -> str | None:
+    # The request's arguments for trace_task_ret: (type, id, request dict, body, ...).
+    return args[0] if args and isinstance(args[0], str) else None
 
 
 def _queue_of(args: tuple[Any, ...] | None) -> str | None:
@@ -93,6 +106,9 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         self.consumer: Any = None
         self.hub: Any = None
         self._gate: QueueGate | None = None
+        #: Run slots parked until their run's future resolves, and the thread they live on.
+        self._parked: dict[RunSlot, concurrent.futures.Future[Any]] = {}
+        self._slots_thread: int | None = None
 
     # Sizing (Flower's pool controls and the autoscaler call these on the consumer thread).
 
@@ -136,7 +152,24 @@ class AgentPool(TaskPool):  # type: ignore[misc]
         drain = type(self).drain
         if drain is not None:
             drain()
+        # The consumer's loop has stopped: finish the parked slots here, so each run's
+        # message is acknowledged, or handed back, before the worker exits.
+        self._finish_parked()
         super().on_stop()
+
+    def _finish_parked(self) -> None:
+        if not self._parked:
+            return
+        if threading.get_ident() != self._slots_thread:
+            logger.warning(
+                "run slots left parked: the pool was stopped from another thread",
+                extra={"action": "slots_abandoned", "slots": len(self._parked)},
+            )
+            return
+        for slot, future in list(self._parked.items()):
+            # Resolved by the drain: finished, handed back, or given back by a stalled one.
+            concurrent.futures.wait([future], timeout=60)
+            self._resume(slot)
 
     def register_with_event_loop(self, loop: Any) -> None:
         self.hub = loop
@@ -172,17 +205,57 @@ class AgentPool(TaskPool):  # type: ignore[misc]
             finally:
                 self._finished(general)
 
-        applied = super().on_apply(target, args, kwargs, finished, accept_callback, **options)
+        if _task_of(args) == RUN_TASK and self.hub is not None:
+            applied = self._start_slot(target, args, kwargs, finished, accept_callback)
+        else:
+            applied = super().on_apply(target, args, kwargs, finished, accept_callback, **options)
         self.regate()
         return applied
+
+    # Run slots.
+
+    def _start_slot(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        callback: Callable[..., Any],
+        accept_callback: Callable[..., Any] | None,
+    ) -> ApplyResult:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def trace() -> None:
+            try:
+                apply_target(target, args, kwargs, callback, accept_callback)
+            except BaseException:  # a greenlet's exception would surface in the consumer
+                logger.exception("run slot failed", extra={"action": "slot_failed"})
+            finally:
+                done.set_result(None)
+
+        self._slots_thread = threading.get_ident()
+        RunSlot(self, trace).switch()
+        return ApplyResult(done)
+
+    def park(self, slot: RunSlot, future: concurrent.futures.Future[Any]) -> None:
+        """Return to the consumer until ``future`` resolves; called from within ``slot``."""
+        self._parked[slot] = future
+        hub = self.hub
+        future.add_done_callback(lambda _: hub.call_soon(self._resume, slot))
+        assert slot.parent is not None
+        slot.parent.switch()
+
+    def _resume(self, slot: RunSlot) -> None:
+        if self._parked.pop(slot, None) is not None and not slot.dead:
+            slot.switch()
 
     def _finished(self, general: bool) -> None:
         with self._lock:
             self.in_flight -= 1
             if general:
                 self.general_in_flight -= 1
-        # The message was acknowledged in this thread; wake the consumer so it takes the next
-        # one now rather than at its next timer tick, and reopen the queues if they were gated.
+        # The message was acknowledged; wake the consumer (when this ran on a thread) so it
+        # takes the next one now rather than at its next timer tick, and reopen the queues if
+        # they were gated.
         hub = self.hub
         if hub is not None:
             hub.call_soon(self.regate)
@@ -222,11 +295,34 @@ class AgentPool(TaskPool):  # type: ignore[misc]
             {
                 "max-concurrency": self.limit,
                 "in-flight": self.in_flight,
+                "parked-runs": len(self._parked),
                 "high-priority-reserve": self.reserved,
                 "gated": self.gated,
             }
         )
         return info
+
+
+class RunSlot(greenlet):  # type: ignore[misc]
+    """One run task's Celery trace on the consumer thread (see the module's docstring)."""
+
+    def __init__(self, pool: AgentPool, trace: Callable[[], None]) -> None:
+        super().__init__(trace)
+        self.pool = pool
+
+
+def result_of(future: concurrent.futures.Future[T], timeout: float | None = None) -> T:
+    """The future's result: a run slot parks until then, any other caller blocks.
+
+    ``timeout`` bounds a blocking wait only: a parked slot is resumed by the future itself,
+    or by the pool as it stops.
+    """
+    current = getcurrent()
+    if isinstance(current, RunSlot) and not future.done():
+        current.pool.park(current, future)
+        if not future.done():
+            raise concurrent.futures.CancelledError()
+    return future.result(timeout)
 
 
 class QueueGate:

@@ -25,7 +25,7 @@ from agentq.telemetry import Sampler, build_telemetry, redis_queue_depths
 from beat.jobs import register_jobs
 from workers.autoscaler import QueueDepthAutoscaler
 from workers.engine import Engine
-from workers.pool import AgentPool
+from workers.pool import AgentPool, result_of
 
 logger = logging.getLogger("agentq.worker")
 
@@ -51,7 +51,9 @@ class WorkerProcess:
         # Before the Celery app, so Sentry's Celery integration sees every task.
         self.telemetry = build_telemetry(settings)
         self.app = app or make_celery(settings)
-        self.engine = Engine(settings, registry, worker_name(), telemetry=self.telemetry)
+        self.engine = Engine(
+            settings, registry, worker_name(), telemetry=self.telemetry, result_of=result_of
+        )
         register_run_task(self.app, self.engine.run, self.engine.dead_letter)
         # Beat only publishes: its health checks, rollups, sweeps and batches run here.
         self.jobs = register_jobs(self.app, settings, worker_name())
@@ -186,9 +188,7 @@ def _slots_step(autoscale_interval: float) -> type[bootsteps.StartStopStep]:
             if scaler is not None and self._timer is None:
                 # Celery checks only every keepalive seconds and on received messages, but a
                 # full worker receives none: check the queues' depth on a timer of its own.
-                self._timer = consumer.timer.call_repeatedly(
-                    autoscale_interval, scaler.maybe_scale
-                )
+                self._timer = consumer.timer.call_repeatedly(autoscale_interval, scaler.maybe_scale)
             pool.regate()
 
         def stop(self, consumer: Any) -> None:

@@ -79,8 +79,17 @@ def test_one_process_keeps_two_hundred_runs_in_flight_at_once(
     handles = client.submit_many(
         [{"agent": "calculator", "input": f"What is {i} plus 1?"} for i in range(runs_count)]
     )
+    # While most runs wait on the model, their slots are parked on the consumer's thread:
+    # the process holds no thread per run, and still answers Flower's inspect at once.
+    wait_for(lambda: mock_model.stats()["in_flight"] > runs_count // 2, 30, "runs in flight")
+    pool = _pool_info(client, worker.hostname)
+    threads = len(os.listdir(f"/proc/{worker.pid}/task"))
     runs = client.wait_many([h.id for h in handles], timeout=60)
     wall_s = time.monotonic() - started
+
+    assert pool["parked-runs"] > runs_count // 2
+    assert pool["in-flight"] >= pool["parked-runs"]
+    assert threads < runs_count // 4, f"{threads} threads for {pool['in-flight']} runs"
 
     assert [run.status.value for run in runs] == ["succeeded"] * runs_count
     assert {run.worker for run in runs} == {f"{os.uname().nodename}:{worker.pid}"}
