@@ -156,7 +156,7 @@ class OfflineProvider(ModelProvider):
 
 
 def make_openai_client(settings: Settings) -> AsyncOpenAI:
-    from openai import AsyncOpenAI
+    from agentq.model_client import ModelClient
 
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     http_client = None
@@ -167,7 +167,7 @@ def make_openai_client(settings: Settings) -> AsyncOpenAI:
         # constant time; httpx's scans its whole pool per request, which with hundreds of
         # calls in flight costs a quarter of a run's CPU.
         http_client = DefaultAioHttpClient()
-    return AsyncOpenAI(
+    return ModelClient(
         http_client=http_client,
         # A compatible server may not want a key; the client insists on one.
         api_key=key or "unused",
