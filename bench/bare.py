@@ -1,8 +1,9 @@
 """The ceiling: the same agent through bare ``Runner.run`` in one process, agent cloned per run.
 
-Run by :mod:`bench.run` as ``python -m bench.bare RUNS CONCURRENCY`` with the model's URL in
-``OPENAI_BASE_URL``. The process builds its client, prints ``ready``, waits for a line on stdin,
-runs everything, and prints one JSON line with its wall time and CPU.
+Run by :mod:`bench.run` as ``python -m bench.bare RUNS CONCURRENCY [CLIENT]`` with the model's
+URL in ``OPENAI_BASE_URL``; ``CLIENT`` ``plain`` runs the SDK on agentq's model client instead of
+``openai``'s own, for the reference row. The process builds its client, prints ``ready``,
+waits for a line on stdin, runs everything, and prints one JSON line with its wall time and CPU.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import time
 from bench.workload import make_agent, make_run_config, run_input
 
 
-async def main(runs: int, concurrency: int) -> dict[str, float]:
+async def main(runs: int, concurrency: int, client_name: str) -> dict[str, float]:
     from agents import Runner
 
-    config, client = make_run_config()
+    client_class = None
+    if client_name == "plain":
+        from agentq.model_client import ModelClient
+
+        client_class = ModelClient
+    config, client = make_run_config(client_class)
     prototype = make_agent()
     gate = asyncio.Semaphore(concurrency)
     failures = 0
@@ -49,5 +55,6 @@ async def main(runs: int, concurrency: int) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    result = asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    client_name = sys.argv[3] if len(sys.argv) > 3 else "openai"
+    result = asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), client_name))
     print(json.dumps(result), flush=True)

@@ -285,13 +285,14 @@ def measure_priorities(env: Environment, client: Client, backlog: int, high: int
 
 
 def measure_bare(env: Environment, runs: int, processes: int, concurrency: int | None,
-                 name: str = "bare") -> Phase:
+                 name: str = "bare", client: str = "openai") -> Phase:
+    """The bare SDK; ``client`` ``plain`` runs it on agentq's model client (the reference row)."""
     phase = Phase(name, runs=runs)
     shares = [runs // processes + (1 if i < runs % processes else 0) for i in range(processes)]
     children = []
     for share in shares:
         child = spawn(
-            ["-m", "bench.bare", str(share), str(concurrency or share)],
+            ["-m", "bench.bare", str(share), str(concurrency or share), client],
             env.env(),
             env.logs / "bare.log",
             stdin=subprocess.PIPE,
@@ -459,7 +460,7 @@ def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
         f"{args.latency_ms:g} ms, {args.processes} process(es) x {args.concurrency} in flight, "
         f"host {os.cpu_count()} cores",
         "",
-        f"{'config':<12}{'runs/s':>8}{'/ceiling':>10}{'/arq':>7}{'failed':>8}"
+        f"{'config':<14}{'runs/s':>8}{'/ceiling':>10}{'/arq':>7}{'failed':>8}"
         f"{'cpu ms/run: workers':>21}{'redis':>7}{'pg':>7}{'producer':>10}"
         f"{'PSS MB':>8}{'RSS MB':>8}",
     ]
@@ -470,7 +471,7 @@ def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
         ratio_c = f"{phase.runs_per_s / ceiling.runs_per_s:.2f}" if ceiling else "-"
         ratio_p = f"{phase.runs_per_s / peer.runs_per_s:.2f}" if peer else "-"
         lines.append(
-            f"{phase.name:<12}{phase.runs_per_s:>8.1f}{ratio_c:>10}{ratio_p:>7}{phase.failed:>8}"
+            f"{phase.name:<14}{phase.runs_per_s:>8.1f}{ratio_c:>10}{ratio_p:>7}{phase.failed:>8}"
             f"{c.get('workers', float('nan')):>21.1f}{c.get('redis', float('nan')):>7.1f}"
             f"{c.get('postgres', float('nan')):>7.1f}{c.get('producer', float('nan')):>10.2f}"
             f"{phase.peak_mb:>8.0f}{phase.peak_rss_mb:>8.0f}"
@@ -479,6 +480,8 @@ def table(phases: dict[str, Phase], args: argparse.Namespace) -> str:
         "",
         "bare-N: Runner.run with N runs in flight per process (all: every run at once); the "
         f"ceiling is the fastest. *-low: {args.low_concurrency} in flight in one process.",
+        "ref-plain-N: the bare SDK on agentq's model client (agentq.model_client), not a "
+        "ceiling: agentq against it is the cost of the queue alone.",
     ]
     agentq = phases.get("agentq")
     if agentq:
@@ -533,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument(
-        "--only", default="bare,agentq,arq,priorities,low",
+        "--only", default="bare,ref,agentq,arq,priorities,low",
         help="comma-separated phases to run",
     )
     parser.add_argument(
@@ -559,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                 for size in args.bare_in_flight.split(",")
             ]
             steps += [
+                ("ref", f"ref-plain-{args.concurrency}", lambda: measure_bare(
+                    env, args.runs, args.processes, args.concurrency,
+                    name=f"ref-plain-{args.concurrency}", client="plain")),
                 ("agentq", "agentq", lambda: measure_agentq(
                     env, client, args.runs, args.processes, worker_args, args.timeout)),
                 ("arq", "arq", lambda: measure_arq(

@@ -34,12 +34,14 @@ def run_input(index: int) -> str:
     return f"What is {index} plus 2?"
 
 
-def make_run_config() -> tuple[Any, Any]:
+def make_run_config(client_class: Any = None) -> tuple[Any, Any]:
     """A RunConfig on the model server named by ``OPENAI_BASE_URL``, and its client to close.
 
     Configured as agentq configures its workers: the Responses API, no client retries, the
     request timeout, tracing off, and the HTTP transport ``AGENTQ_HTTP_CLIENT`` names (the
-    benchmark sets aiohttp, agentq's default, for all three).
+    benchmark sets aiohttp, agentq's default, for all three). The client is ``openai``'s
+    ``AsyncOpenAI`` unless ``client_class`` names another (the reference row runs the bare SDK
+    on agentq's :class:`agentq.model_client.ModelClient`).
     """
     from agents import OpenAIProvider, RunConfig, set_trace_processors
     from openai import AsyncOpenAI
@@ -50,7 +52,7 @@ def make_run_config() -> tuple[Any, Any]:
         from openai import DefaultAioHttpClient
 
         http_client = DefaultAioHttpClient()
-    client = AsyncOpenAI(
+    client = (client_class or AsyncOpenAI)(
         http_client=http_client,
         api_key=os.environ.get("OPENAI_API_KEY", "unused"),
         base_url=os.environ["OPENAI_BASE_URL"],
