@@ -144,6 +144,10 @@ class _Target:
     model: Model
 
 
+_JITTER = random.Random()
+"""Jitter of retry delays; runs share it on the engine's one event-loop thread."""
+
+
 @dataclass(slots=True)
 class RunModels:
     """The models one run may use and what happened to its calls."""
@@ -155,7 +159,8 @@ class RunModels:
     reservation: Reservation | None = None
     observer: RetryObserver | None = None
     record: ModelRecord = field(default_factory=ModelRecord)
-    rng: random.Random = field(default_factory=random.Random)
+    # One generator for the process: seeding one per run reads the system's entropy each time.
+    rng: random.Random = field(default_factory=lambda: _JITTER)
     sleep: Callable[[float], Any] = asyncio.sleep
     on_fallback: bool = False
 

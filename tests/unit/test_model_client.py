@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from agents import Agent, ModelSettings, OpenAIProvider, RunConfig, Runner
 from openai import AsyncOpenAI, NotGiven, omit
-from openai.types.responses import ResponseFunctionToolCall
+from openai.types.responses import Response, ResponseFunctionToolCall
 from openai.types.shared import Reasoning
 
 from agentq import model_client
@@ -185,3 +185,75 @@ def test_falls_back_to_openais_transform_when_a_field_needs_it(
     bodies, _, output = run(scenario())
     assert len(bodies) == 2 and output
     assert len(transformed) == 2
+
+
+def response_body(**usage_details: Any) -> dict[str, Any]:
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "status": "completed",
+        "model": "gpt-4o",
+        "output": [
+            {
+                "type": "function_call",
+                "id": "fc_1",
+                "call_id": "call_1",
+                "name": "add",
+                "arguments": '{"a": 1, "b": 2}',
+                "status": "completed",
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 5,
+            "output_tokens": 3,
+            "total_tokens": 8,
+            "input_tokens_details": {"cached_tokens": 0, **usage_details},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+
+
+def test_responses_are_validated_or_constructed_as_openai_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    constructed: list[Any] = []
+    original = openai._base_client.construct_type
+
+    def spy(**kwargs: Any) -> Any:
+        constructed.append(kwargs["type_"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(openai._base_client, "construct_type", spy)
+    client = ModelClient(api_key="x", base_url="http://127.0.0.1:9/v1")
+    stock = AsyncOpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
+
+    complete = response_body(cache_write_tokens=0)
+    validated = client._process_response_data(data=complete, cast_to=Response, response=None)
+    assert constructed == []
+    expected = stock._process_response_data(data=complete, cast_to=Response, response=None)
+    assert constructed == [Response]
+    assert isinstance(validated, Response)
+    assert validated.model_dump() == expected.model_dump()
+    assert isinstance(validated.output[0], ResponseFunctionToolCall)
+    assert validated.output[0].model_dump(exclude_unset=True) == expected.output[0].model_dump(
+        exclude_unset=True
+    )
+
+    # A compatible server that leaves out a field openai declares required still works.
+    partial = response_body()
+    constructed.clear()
+    fallback = client._process_response_data(data=partial, cast_to=Response, response=None)
+    assert constructed == [Response]
+    assert fallback.usage is not None and fallback.usage.total_tokens == 8
+
+
+def test_idempotency_keys_are_unique_per_request_and_client() -> None:
+    first = ModelClient(api_key="x", base_url="http://127.0.0.1:9/v1")
+    second = ModelClient(api_key="x", base_url="http://127.0.0.1:9/v1")
+    keys = [first._idempotency_key() for _ in range(1000)] + [second._idempotency_key()]
+    assert len(set(keys)) == len(keys)
+    assert all(key.startswith("stainless-python-retry-") for key in keys)
