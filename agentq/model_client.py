@@ -62,14 +62,13 @@ def plain_body(value: Any) -> Any:
     return value
 
 
-def _declares_rewrites(declared: Any, seen: set[Any]) -> bool:
+def _declares_rewrites(declared: Any, seen: set[Any], marker: type) -> bool:
     """Whether any field reachable from ``declared`` has an alias or a format to apply."""
-    from openai._utils._transform import PropertyInfo  # the transform's own marker
-
     if typing.get_origin(declared) is typing.Annotated:
-        for marker in typing.get_args(declared)[1:]:
-            if isinstance(marker, PropertyInfo) and (
-                marker.alias is not None or marker.format is not None
+        for found in typing.get_args(declared)[1:]:
+            if isinstance(found, marker) and (
+                getattr(found, "alias", None) is not None
+                or getattr(found, "format", None) is not None
             ):
                 return True
     if typing.is_typeddict(declared):
@@ -77,9 +76,9 @@ def _declares_rewrites(declared: Any, seen: set[Any]) -> bool:
             return False
         seen.add(declared)
         hints = typing.get_type_hints(declared, include_extras=True)
-        return any(_declares_rewrites(hint, seen) for hint in hints.values())
+        return any(_declares_rewrites(hint, seen, marker) for hint in hints.values())
     return any(
-        _declares_rewrites(arg, seen)
+        _declares_rewrites(arg, seen, marker)
         for arg in typing.get_args(declared)
         if not isinstance(arg, (str, int, bool, bytes)) and arg is not None
     )
@@ -87,10 +86,19 @@ def _declares_rewrites(declared: Any, seen: set[Any]) -> bool:
 
 @functools.cache
 def responses_body_is_structural() -> bool:
-    """True when the installed ``openai`` declares no alias or format in a Responses request."""
+    """True when the installed ``openai`` declares no alias or format in a Responses request.
+
+    Also False when ``openai``'s internals that the plain path relies on have moved: the
+    plain path then steps aside rather than guess.
+    """
+    try:
+        from openai._base_client import make_request_options  # noqa: F401
+        from openai._utils._transform import PropertyInfo
+    except ImportError:
+        return False
     seen: set[Any] = set()
     return not any(
-        _declares_rewrites(params, seen)
+        _declares_rewrites(params, seen, PropertyInfo)
         for params in (
             response_create_params.ResponseCreateParamsNonStreaming,
             response_create_params.ResponseCreateParamsStreaming,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 import openai
@@ -151,12 +152,15 @@ def test_plain_body_drops_omitted_values_and_dumps_models() -> None:
 
 
 def test_an_aliased_or_formatted_field_is_found() -> None:
+    from openai._utils._transform import PropertyInfo
     from openai.types.beta import agent_create_params
     from openai.types.responses import response_create_params
 
-    assert model_client._declares_rewrites(agent_create_params.AgentCreateParams, set())
+    assert model_client._declares_rewrites(
+        agent_create_params.AgentCreateParams, set(), PropertyInfo
+    )
     assert not model_client._declares_rewrites(
-        response_create_params.ResponseCreateParamsNonStreaming, set()
+        response_create_params.ResponseCreateParamsNonStreaming, set(), PropertyInfo
     )
     assert model_client.responses_body_is_structural()
 
@@ -257,3 +261,14 @@ def test_idempotency_keys_are_unique_per_request_and_client() -> None:
     keys = [first._idempotency_key() for _ in range(1000)] + [second._idempotency_key()]
     assert len(set(keys)) == len(keys)
     assert all(key.startswith("stainless-python-retry-") for key in keys)
+
+
+def test_steps_aside_when_openais_internals_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    model_client.responses_body_is_structural.cache_clear()
+    monkeypatch.setitem(sys.modules, "openai._utils._transform", None)
+    try:
+        assert model_client.responses_body_is_structural() is False
+    finally:
+        monkeypatch.undo()
+        model_client.responses_body_is_structural.cache_clear()
+    assert model_client.responses_body_is_structural() is True
