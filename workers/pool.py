@@ -63,6 +63,20 @@ def reserved_slots(size: int, share: float) -> int:
 GATED_POLL_TIMEOUT = 0.02
 
 
+def wake_loop(hub: Any) -> None:
+    """Make the consumer's loop go round once more before it next waits.
+
+    Celery acknowledges a finished task through ``hub.call_soon``. Called from the loop's own
+    thread, as a run slot finishing there does, that neither runs at once nor interrupts the
+    poll that follows; with every slot's message delivered and no BRPOP in flight, nothing
+    else ends that poll, so the acknowledgement, and with it the next message, would wait out
+    the poll's one-second timeout. Writing to the loop's waker ends the poll at once.
+    """
+    waker = getattr(hub, "_waker", None)
+    if waker is not None:
+        waker.wake()
+
+
 def _task_of(args: tuple[Any, ...] | None) -> str | None:
     # The request's arguments for trace_task_ret: (type, id, request dict, body, ...).
     return args[0] if args and isinstance(args[0], str) else None
@@ -253,12 +267,12 @@ class AgentPool(TaskPool):  # type: ignore[misc]
             self.in_flight -= 1
             if general:
                 self.general_in_flight -= 1
-        # The message was acknowledged; wake the consumer (when this ran on a thread) so it
-        # takes the next one now rather than at its next timer tick, and reopen the queues if
-        # they were gated.
+        # Reopen the queues if they were gated.
         hub = self.hub
         if hub is not None:
             hub.call_soon(self.regate)
+            if threading.get_ident() == self._slots_thread:
+                wake_loop(hub)
 
     def regate(self) -> None:
         """Stop or resume taking non-high runs so the reserve stays free (consumer thread)."""

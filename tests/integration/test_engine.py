@@ -9,6 +9,7 @@ workers' JSON log records.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -101,6 +102,26 @@ def test_one_process_keeps_two_hundred_runs_in_flight_at_once(
     assert runs_count // 2 < _most_at_once(runs) <= general_slots
     # One run at a time would take runs x 2 calls x latency = 400 s.
     assert wall_s < runs_count * 2 * latency_s / 10
+
+
+def test_a_single_slot_takes_its_next_run_as_soon_as_the_last_one_finishes(
+    client: Client, start_worker: Any, mock_model: MockOpenAIServer
+) -> None:
+    # With its only slot busy the worker has no BRPOP in flight; finishing the run must
+    # acknowledge it and fetch the next one at once, not when the consumer's loop next wakes
+    # on its own (a second later).
+    start_worker(args=["--concurrency", "1"])
+    handles = client.submit_many([{"agent": "echo", "input": f"message {i}"} for i in range(15)])
+    runs = client.wait_many([h.id for h in handles], timeout=60)
+
+    assert [run.status.value for run in runs] == ["succeeded"] * 15
+    assert _most_at_once(runs) == 1
+    ordered = sorted(runs, key=lambda run: run.started_at)
+    gaps = sorted(
+        (after.started_at - before.finished_at).total_seconds()
+        for before, after in itertools.pairwise(ordered)
+    )
+    assert gaps[len(gaps) // 2] < 0.3, f"idle between runs: {gaps}"
 
 
 def test_high_priority_runs_overtake_a_backlog_of_low_ones(
