@@ -109,16 +109,17 @@ def responses_body_is_structural() -> bool:
 def _request_options(options: dict[str, Any]) -> Any:
     from openai._base_client import make_request_options
 
-    if _names_security():
-        return make_request_options(**options, security={"bearer_auth": True})
-    return make_request_options(**options)
+    return make_request_options(**options, **_security())
 
 
 @functools.cache
-def _names_security() -> bool:
+def _security() -> dict[str, Any]:
+    """The bearer-auth option ``create`` passes, where this ``openai`` knows it."""
     from openai._base_client import make_request_options
 
-    return "security" in inspect.signature(make_request_options).parameters
+    if "security" in inspect.signature(make_request_options).parameters:
+        return {"security": {"bearer_auth": True}}
+    return {}
 
 
 class PlainResponses(AsyncResponses):
@@ -128,13 +129,13 @@ class PlainResponses(AsyncResponses):
         if not responses_body_is_structural():
             return await super().create(**kwargs)
         options = {name: kwargs.pop(name) for name in _REQUEST_OPTIONS if name in kwargs}
-        stream = kwargs.get("stream")
         return await self._post(
             "/responses",
             body=plain_body(kwargs),
             options=_request_options(options),
             cast_to=Response,
-            stream=bool(stream) if not isinstance(stream, (Omit, NotGiven)) else False,
+            # ``omit`` and ``NOT_GIVEN`` are false, as openai's own ``stream or False`` relies on.
+            stream=bool(kwargs.get("stream")),
             stream_cls=AsyncStream[ResponseStreamEvent],
         )
 
